@@ -1,0 +1,366 @@
+"""Error-minimizing noise (EM): the min-min bi-level optimisation of Huang et al. (ICLR 2021).
+
+Reference: H. Huang, X. Ma, S. M. Erfani, J. Bailey, Y. Wang, "Unlearnable Examples: Making
+Personal Data Unexploitable", ICLR 2021.
+
+A surrogate classifier and the perturbations are optimised *together* so that the perturbed
+training data is as easy as possible: alternately train the surrogate a few batches on x + delta,
+then update delta by projected signed-gradient descent that *minimises* the cross-entropy,
+until the surrogate classifies the perturbed training data almost perfectly. The noise becomes a
+shortcut a victim learns instead of the image content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
+from fuse_lightning.victim import classifier_with_normalization
+
+__all__ = ["ErrorMinimizingNoise", "pgd_min_classwise", "pgd_min_samplewise"]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pgd_min_samplewise(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Error-minimizing PGD: `steps` signed-gradient *descent* steps on CE(model(x + delta), y).
+
+    Args:
+        model: Classifier on images in [0, 1] (its mode is left unchanged).
+        x: Clean images in [0, 1] (B, C, H, W).
+        y: Labels (B,).
+        delta: Starting perturbation (B, C, H, W).
+        eps: L-infinity radius in the [0, 1] scale.
+        step_size: Step in the [0, 1] scale.
+        steps: Number of steps.
+        amp: bfloat16 autocast on CUDA.
+
+    Returns:
+        The new delta, detached, with |delta| <= eps and x + delta in [0, 1].
+    """
+    delta = delta.detach()
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with _autocast(x.device, amp):
+            loss = F.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    return delta.detach()
+
+
+def pgd_min_classwise(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    class_delta: torch.Tensor,
+    eps: float,
+    step_size: float,
+    steps: int,
+    amp: bool = False,
+) -> torch.Tensor:
+    """Class-wise error-minimizing PGD: one perturbation per class, shared by its samples.
+
+    Indexing `class_delta[y]` makes autograd sum the gradients of all samples of a class into
+    that class's perturbation; classes absent from the batch get a zero gradient and stay put.
+
+    Args:
+        model: Classifier on images in [0, 1].
+        x: Clean images in [0, 1] (B, C, H, W).
+        y: Labels (B,).
+        class_delta: Perturbation per class (K, C, H, W).
+        eps: L-infinity radius in the [0, 1] scale.
+        step_size: Step in the [0, 1] scale.
+        steps: Number of steps.
+        amp: bfloat16 autocast on CUDA.
+
+    Returns:
+        The new class perturbations (K, C, H, W), detached, |delta| <= eps.
+    """
+    class_delta = class_delta.detach()
+    for _ in range(steps):
+        class_delta.requires_grad_(True)
+        with _autocast(x.device, amp):
+            loss = F.cross_entropy(model((x + class_delta[y]).clamp(0.0, 1.0)), y)
+        (grad,) = torch.autograd.grad(loss, class_delta)
+        class_delta = (class_delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
+    return class_delta.detach()
+
+
+class ErrorMinimizingNoise(Perturbation):
+    """Unlearnable examples by error-minimizing noise (Huang et al., ICLR 2021), sample- or class-wise.
+
+    Repeat: train the surrogate `train_steps` batches on x + delta; for every training batch run
+    `pgd_steps` signed-gradient steps *minimising* the cross-entropy, projected onto |delta| <=
+    eps and the image range; stop when the surrogate (eval mode) classifies the perturbed
+    training data with accuracy >= `stop_accuracy`, or after `max_rounds`. Class-wise mode keeps
+    one delta per class, updated with the gradient summed over that class's samples.
+
+    Spectrum: sample-wise EM noise is dominated by high spatial frequencies (pixel-level,
+    sign-gradient texture), which is why low-pass filtering of the training images weakens it.
+
+    Images outside the fit set (when the DataModule has `train_subset`) get, in sample-wise
+    mode, either error-minimizing noise computed against the final surrogate (`unseen="pgd"`)
+    or no perturbation (`unseen="zero"`).
+
+    Args:
+        eps: L-infinity budget in 0-255 units.
+        mode: "samplewise" (one delta per image) or "classwise" (one delta per class).
+        arch: Surrogate architecture from the classifier registry (e.g. resnet18, fastnet).
+        arch_kwargs: Extra arguments of the classifier builder (e.g. `{width: 0.5}`).
+        pgd_steps: PGD steps per batch and round.
+        pgd_step_size: PGD step in 0-255 units (0.8 means 0.8/255).
+        train_steps: Surrogate training batches per round.
+        stop_accuracy: Stop once the surrogate's accuracy on the perturbed training data
+            reaches this value.
+        max_rounds: Upper bound on the number of rounds.
+        lr: Surrogate SGD learning rate.
+        momentum: Surrogate SGD momentum.
+        weight_decay: Surrogate SGD weight decay.
+        batch_size: Batch size of surrogate training and of the PGD passes.
+        augment: Random crop + flip when training the surrogate (the original trains without).
+        unseen: "pgd" or "zero": sample-wise perturbation of images not in the fit set.
+        amp: bfloat16 autocast on CUDA (ignored on CPU).
+        device: Where the optimisation runs: "auto" (CUDA if available), "cpu", "cuda:0", ...
+        progress: Show progress bars.
+        seed: Seed of the surrogate's initialisation, the data order and the initial noise.
+    """
+
+    def __init__(
+        self,
+        eps: float = 8.0,
+        mode: str = "samplewise",
+        arch: str = "resnet18",
+        arch_kwargs: dict | None = None,
+        pgd_steps: int = 20,
+        pgd_step_size: float = 0.8,
+        train_steps: int = 10,
+        stop_accuracy: float = 0.99,
+        max_rounds: int = 20,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        batch_size: int = 128,
+        augment: bool = False,
+        unseen: str = "pgd",
+        amp: bool = True,
+        device: str = "auto",
+        progress: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(eps=eps, seed=seed)
+        if mode not in ("samplewise", "classwise"):
+            raise ValueError(f"mode must be 'samplewise' or 'classwise', got {mode!r}")
+        if unseen not in ("pgd", "zero"):
+            raise ValueError(f"unseen must be 'pgd' or 'zero', got {unseen!r}")
+        if pgd_steps < 1 or train_steps < 0 or max_rounds < 1 or batch_size < 1:
+            raise ValueError("pgd_steps, max_rounds and batch_size must be >= 1, train_steps >= 0")
+        self.mode = mode
+        self.arch = arch
+        self.arch_kwargs = arch_kwargs
+        self.pgd_steps = pgd_steps
+        self.pgd_step_size = pgd_step_size
+        self.train_steps = train_steps
+        self.stop_accuracy = stop_accuracy
+        self.max_rounds = max_rounds
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.augment = augment
+        self.unseen = unseen
+        self.amp = amp
+        self.device = device
+        self.progress = progress
+        self.surrogate: nn.Module | None = None
+        self.delta: torch.Tensor | None = None  # (N_fit, C, H, W) or (K, C, H, W)
+        self._position: torch.Tensor | None = None  # full-set index -> row of `delta`, -1 if unseen
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"em_{self.mode}"
+
+    # ------------------------------------------------------------------ helpers
+    def _perturbed(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        d = self.delta[y] if self.mode == "classwise" else self.delta[rows]
+        return (x + d).clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def _evaluate(self, images: torch.Tensor, labels: torch.Tensor, perturbed: bool) -> tuple[float, float]:
+        """(accuracy, mean CE) of the surrogate in eval mode on the fit set, clean or perturbed."""
+        model, dev = self.surrogate, self.delta.device
+        model.eval()
+        correct, loss_sum = 0, 0.0
+        for start in range(0, len(labels), self.batch_size * 4):
+            rows = torch.arange(start, min(start + self.batch_size * 4, len(labels)), device=dev)
+            x = images[rows].float() / 255
+            y = labels[rows]
+            if perturbed:
+                x = self._perturbed(x, y, rows)
+            with _autocast(dev, self.amp):
+                logits = model(x).float()
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return correct / len(labels), loss_sum / len(labels)
+
+    def evaluate_surrogate(self, datamodule=None) -> dict[str, float]:
+        """Surrogate accuracy and loss on the fit set, clean and perturbed (after `fit`)."""
+        if self.surrogate is None:
+            raise RuntimeError("call fit() first")
+        acc_c, loss_c = self._evaluate(self._images, self._labels, perturbed=False)
+        acc_p, loss_p = self._evaluate(self._images, self._labels, perturbed=True)
+        return {"clean_acc": acc_c, "clean_loss": loss_c, "perturbed_acc": acc_p, "perturbed_loss": loss_p}
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, datamodule) -> None:
+        """Run the min-min optimisation on the DataModule's (subset of the) training set."""
+        dev = resolve_device(self.device)
+        datamodule.setup("fit")
+        batches = list(datamodule.protect_dataloader(batch_size=1024, use_subset=True))
+        images = torch.cat([b[0] for b in batches]).to(dev)
+        labels = torch.cat([b[1] for b in batches]).to(dev)
+        indices = torch.cat([b[2] for b in batches]).long()
+        n = len(labels)
+        eps, step = self.eps / 255, self.pgd_step_size / 255
+        self._images, self._labels = images, labels
+        self._position = torch.full((int(indices.max()) + 1,), -1, dtype=torch.long)
+        self._position[indices] = torch.arange(n)
+
+        cuda_devices = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            torch.manual_seed(self.seed)
+            model = classifier_with_normalization(
+                self.arch, datamodule.num_classes, datamodule.image_size,
+                datamodule.mean, datamodule.std, self.arch_kwargs,
+            ).to(dev)
+            if dev.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            self.surrogate = model
+            gen = torch.Generator().manual_seed(self.seed)
+            shape = tuple(images.shape[1:])
+            if self.mode == "classwise":
+                u = torch.rand((datamodule.num_classes, *shape), generator=gen)
+            else:
+                u = seeded_per_index(self.seed, indices, shape, "uniform")
+            # Uniform start in the eps-ball, as in the original implementation.
+            self.delta = ((2 * u - 1) * eps).to(dev)
+            if self.mode == "samplewise":
+                x0 = images.float() / 255
+                self.delta = (x0 + self.delta).clamp(0, 1) - x0
+                del x0
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+            )
+            history = []
+            order, cursor = torch.randperm(n, generator=gen), 0
+            for round_ in range(1, self.max_rounds + 1):
+                # 1) train the surrogate a few batches on the current perturbed data
+                model.train()
+                train_loss = 0.0
+                for _ in range(self.train_steps):
+                    if cursor + self.batch_size > n and cursor > 0:
+                        order, cursor = torch.randperm(n, generator=gen), 0
+                    rows = order[cursor : cursor + self.batch_size].to(dev)
+                    cursor += self.batch_size
+                    x = self._perturbed(images[rows].float() / 255, labels[rows], rows)
+                    if self.augment:
+                        from fuse_lightning.data.base import random_crop_flip
+
+                        x = random_crop_flip(x, 4)
+                    with _autocast(dev, self.amp):
+                        loss = F.cross_entropy(model(x).float(), labels[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    train_loss += float(loss) / max(1, self.train_steps)
+                # 2) update the perturbations over the whole fit set (surrogate frozen, eval mode)
+                model.eval()
+                model.requires_grad_(False)
+                bar = tqdm(
+                    range(0, n, self.batch_size), desc=f"EM round {round_}: PGD",
+                    disable=not self.progress, leave=False,
+                )
+                for start in bar:
+                    rows = torch.arange(start, min(start + self.batch_size, n), device=dev)
+                    x, y = images[rows].float() / 255, labels[rows]
+                    if self.mode == "classwise":
+                        self.delta = pgd_min_classwise(
+                            model, x, y, self.delta, eps, step, self.pgd_steps, self.amp
+                        )
+                    else:
+                        self.delta[rows] = pgd_min_samplewise(
+                            model, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp
+                        )
+                model.requires_grad_(True)
+                # 3) stop condition: the surrogate fits the perturbed data
+                acc, loss_p = self._evaluate(images, labels, perturbed=True)
+                history.append(
+                    {"round": round_, "train_loss": train_loss, "perturbed_acc": acc, "perturbed_loss": loss_p}
+                )
+                print(
+                    f"[{self.name}] round {round_}/{self.max_rounds}: surrogate train loss "
+                    f"{train_loss:.4f}, accuracy on perturbed training data {acc:.4f} "
+                    f"(loss {loss_p:.4f})",
+                    flush=True,
+                )
+                if acc >= self.stop_accuracy:
+                    break
+        model.eval()
+        self.fit_info = {
+            "rounds": len(history),
+            "converged": bool(history and history[-1]["perturbed_acc"] >= self.stop_accuracy),
+            "fit_images": n,
+            "history": history,
+        }
+
+    # ------------------------------------------------------------------ perturb
+    def perturb_fn(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
+        if self.delta is None:
+            raise RuntimeError("ErrorMinimizingNoise.perturb_fn needs fit() first")
+        dev = self.delta.device
+        labels_d = labels.to(dev)
+        if self.mode == "classwise":
+            return self.delta[labels_d].to(device=images.device, dtype=images.dtype)
+        idx = indices.cpu().long()
+        rows = torch.full_like(idx, -1)
+        known = idx < len(self._position)
+        rows[known] = self._position[idx[known]]
+        seen = rows >= 0
+        out = torch.zeros(images.shape, device=dev, dtype=torch.float32)
+        if seen.any():
+            out[seen.to(dev)] = self.delta[rows[seen].to(dev)]
+        if (~seen).any() and self.unseen == "pgd":
+            miss = (~seen).to(dev)
+            x = images.to(dev, torch.float32)[miss]
+            eps = self.eps / 255
+            start = (2 * seeded_per_index(self.seed, idx[~seen], tuple(x.shape[1:])) - 1) * eps
+            start = (x + start.to(dev)).clamp(0, 1) - x
+            self.surrogate.eval()
+            self.surrogate.requires_grad_(False)
+            with torch.enable_grad():  # protect_dataset runs under no_grad
+                out[miss] = pgd_min_samplewise(
+                    self.surrogate, x, labels_d[miss], start, eps,
+                    self.pgd_step_size / 255, self.pgd_steps, self.amp,
+                )
+            self.surrogate.requires_grad_(True)
+        return out.to(device=images.device, dtype=images.dtype)

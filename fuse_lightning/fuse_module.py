@@ -1,0 +1,339 @@
+"""FUSE: a perturbation generator trained against a surrogate classifier (min-min), with Random
+Spectral Masking (RSM) and Cross-Band Guidance (CBG).
+
+One training step (manual optimization):
+
+1. `k` surrogate updates on x + delta with delta = eps * tanh(G(x, y)) detached: the surrogate
+   learns whatever shortcut delta currently carries.
+2. One generator update that makes the surrogate's loss *small* (error-minimizing), with the
+   surrogate frozen (eval mode, no weight update):
+
+   L_G = w_full * CE(f(x + delta), y)                              (plain error-minimizing term)
+       + [RSM] CE(f(x + M_band(delta)), y)                         (a random annulus removed)
+       + [CBG] w_band * (CE(f(x + delta_L), y) + CE(f(x + delta_H), y))
+             + w_cons * (KL(sg p_H || p_L) + KL(sg p_L || p_H))    (each band guides the other)
+             + w_hf * mean(delta_H^2) / eps^2                      (keep high frequencies small)
+
+With RSM disabled, w_full is forced to 1; with both disabled this is the plain error-minimizing
+generator. The paper does not publish its exact losses: these choices and their reasons are in
+`docs/method.md`. Every term is logged (`train/loss_*`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from fuse_lightning import spectral
+from fuse_lightning.budget import eps_to_unit
+from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
+from fuse_lightning.nets.conditioned import ConditionedGenerator
+from fuse_lightning.victim import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    classifier_with_normalization,
+    cosine_with_warmup,
+)
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+# Radial bands in which the energy share of delta is logged (normalized radius; sqrt(2) = corner).
+LOG_BAND_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, math.sqrt(2) + 1e-6)
+
+
+@dataclass
+class RSMConfig:
+    """Random Spectral Masking: remove a random contiguous band of delta's spectrum.
+
+    Args:
+        enabled: Apply RSM in the generator update.
+        prob: Probability that a given sample has a band removed (others keep the full delta).
+        width_range: Range of the removed annulus' width (normalized radius; 1 = Nyquist).
+        start_range: Range of the annulus' inner radius (0 includes the DC component).
+        full_weight: Weight of the error-minimizing loss on the unmasked delta (forced to 1 when
+            RSM is disabled).
+    """
+
+    enabled: bool = True
+    prob: float = 1.0
+    width_range: tuple[float, float] = (0.1, 0.5)
+    start_range: tuple[float, float] = (0.0, 1.0)
+    full_weight: float = 0.5
+
+
+@dataclass
+class CBGConfig:
+    """Cross-Band Guidance: the low and high bands of delta must each drive the surrogate alike.
+
+    Args:
+        enabled: Add the CBG terms to the generator loss.
+        cutoff: Split radius (ideal low-pass): delta_L keeps r <= cutoff, delta_H the rest.
+        band_weight: Weight of the error-minimizing loss on each band alone.
+        consistency_weight: Weight of the stop-gradient symmetric KL between the two bands.
+        high_energy_weight: Weight of the penalty on delta_H's energy (image fidelity).
+        temperature: Softmax temperature of the consistency term.
+    """
+
+    enabled: bool = True
+    cutoff: float = 0.25
+    band_weight: float = 1.0
+    consistency_weight: float = 1.0
+    high_energy_weight: float = 0.1
+    temperature: float = 1.0
+
+
+class FUSEModule(L.LightningModule):
+    """Trains a perturbation generator against a surrogate classifier (error-minimizing, min-min).
+
+    Args:
+        num_classes: Number of classes; linked from the DataModule by the CLI.
+        image_size: Image height/width; linked from the DataModule.
+        mean: Per-channel mean for the surrogate's normalisation; linked from the DataModule.
+        std: Per-channel std; linked from the DataModule.
+        eps: L-inf budget in 0-255 units (8 means 8/255).
+        generator_arch: Generator backbone: `encdec` (fast) or `unet`.
+        generator_width: Generator base width.
+        label_embed_dim: Label-embedding channels fed to the generator (0: delta = G(x)).
+        surrogate_arch: Surrogate classifier from the registry (e.g. fastnet, resnet18).
+        surrogate_steps: Surrogate updates (k) per training step, on the same batch.
+        surrogate_optimizer: Optimizer factory for the surrogate (default SGD lr 0.1, momentum
+            0.9, weight decay 5e-4, the error-minimizing-noise recipe).
+        generator_optimizer: Optimizer factory for the generator (default Adam lr 1e-3).
+        scheduler: "none" or "cosine" (both optimizers, stepped by hand every training step).
+        generator_grad_clip: Max gradient norm of the generator update (0 disables).
+        mode: Export mode: "samplewise" (delta = G(x, y) per image) or "classwise" (one delta per
+            class: the class mean of G's outputs).
+        stop_accuracy: Stop when the surrogate's epoch accuracy on perturbed training data reaches
+            this (as error-minimizing noise does); 1.1 disables.
+        min_epochs_before_stop: Never stop before this many epochs.
+        rsm: Random Spectral Masking settings.
+        cbg: Cross-Band Guidance settings.
+        log_spectrum_every_n_steps: How often band energies and PSNR/SSIM of delta are logged.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 32,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        eps: float = 8.0,
+        generator_arch: str = "encdec",
+        generator_width: int = 32,
+        label_embed_dim: int = 8,
+        surrogate_arch: str = "resnet18",
+        surrogate_steps: int = 1,
+        surrogate_optimizer: OptimizerFactory | None = None,
+        generator_optimizer: OptimizerFactory | None = None,
+        scheduler: str = "none",
+        generator_grad_clip: float = 1.0,
+        mode: str = "samplewise",
+        stop_accuracy: float = 0.99,
+        min_epochs_before_stop: int = 1,
+        rsm: RSMConfig | None = None,
+        cbg: CBGConfig | None = None,
+        log_spectrum_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if mode not in ("samplewise", "classwise"):
+            raise ValueError(f"model.mode must be 'samplewise' or 'classwise', got {mode!r}")
+        if scheduler not in ("none", "cosine"):
+            raise ValueError(f"model.scheduler must be 'none' or 'cosine', got {scheduler!r}")
+        if not 0 < eps <= 255:
+            raise ValueError(f"model.eps is in 0-255 units and must be in (0, 255], got {eps}")
+        if surrogate_steps < 1:
+            raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
+        self.rsm = rsm or RSMConfig()
+        self.cbg = cbg or CBGConfig()
+        self.save_hyperparameters(ignore=["surrogate_optimizer", "generator_optimizer", "rsm", "cbg"])
+        self.hparams["rsm"] = asdict(self.rsm)
+        self.hparams["cbg"] = asdict(self.cbg)
+        self.automatic_optimization = False  # two players, k:1 updates -> manual optimization
+        self.eps_unit = eps_to_unit(eps)
+        self.surrogate_optimizer_factory = surrogate_optimizer
+        self.generator_optimizer_factory = generator_optimizer
+        self.generator = ConditionedGenerator(
+            generator_arch, num_classes, base_width=generator_width, embed_dim=label_embed_dim
+        )
+        self.surrogate = classifier_with_normalization(surrogate_arch, num_classes, image_size, mean, std)
+        self.surrogate_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_surrogate_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    # ----------------------------------------------------------------- perturbation
+    def perturbation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """delta = eps * tanh(G(x, y)), so |delta|_inf <= eps by construction."""
+        return self.eps_unit * torch.tanh(self.generator(x, y))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Protected images x + delta, clamped to [0, 1]."""
+        return (x + self.perturbation(x, y)).clamp(0, 1)
+
+    @torch.no_grad()
+    def perturb_fn(self, datamodule=None, mode: str | None = None):
+        """A `(images, labels, indices) -> delta` function for `protect.protect_dataset`.
+
+        Class-wise mode first averages G's outputs per class over the DataModule's training set.
+        """
+        mode = mode or self.hparams.mode
+        self.eval()
+        if mode == "samplewise":
+            return lambda x, y, idx: self.perturbation(x, y)
+        if datamodule is None:
+            raise ValueError("class-wise export needs the DataModule to average deltas per class")
+        datamodule.setup("fit")
+        sums = None
+        counts = torch.zeros(self.hparams.num_classes, device=self.device)
+        for images, labels, _ in datamodule.protect_dataloader():
+            x, labels = images.to(self.device).float() / 255, labels.to(self.device)
+            delta = self.perturbation(x, labels)
+            if sums is None:
+                sums = torch.zeros(self.hparams.num_classes, *delta.shape[1:], device=self.device)
+            sums.index_add_(0, labels, delta)
+            counts += torch.bincount(labels, minlength=self.hparams.num_classes).float()
+        class_delta = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
+        return lambda x, y, idx: class_delta[y]
+
+    # ----------------------------------------------------------------- losses
+    def generator_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All generator loss terms for a batch (surrogate must be frozen by the caller)."""
+        delta = self.perturbation(x, y)
+        terms: dict[str, torch.Tensor] = {}
+        inputs, names = [], []
+        full_weight = self.rsm.full_weight if self.rsm.enabled else 1.0
+        if full_weight > 0:
+            inputs.append(x + delta)
+            names.append("em")
+        if self.rsm.enabled:
+            start, width = spectral.sample_band(
+                x.shape[0], self.rsm.width_range, self.rsm.start_range, device=x.device
+            )
+            masked = spectral.remove_band(delta, start, width)
+            keep = torch.rand(x.shape[0], device=x.device) >= self.rsm.prob
+            masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
+            inputs.append(x + masked)
+            names.append("rsm")
+        if self.cbg.enabled:
+            low, high = spectral.split_bands(delta, self.cbg.cutoff)
+            inputs += [x + low, x + high]
+            names += ["low", "high"]
+            terms["loss_high_energy"] = relative_energy(high, self.eps_unit)
+        # One surrogate pass over all variants: cheaper than several small ones.
+        logits = self.surrogate(torch.cat(inputs).clamp(0, 1)).split(x.shape[0])
+        by_name = dict(zip(names, logits, strict=True))
+        for name in ("em", "rsm", "low", "high"):
+            if name in by_name:
+                terms[f"loss_{name}"] = F.cross_entropy(by_name[name], y)
+        if self.cbg.enabled:
+            terms["loss_consistency"] = symmetric_kl_guidance(by_name["low"], by_name["high"], self.cbg.temperature)
+        total = full_weight * terms.get("loss_em", 0.0) + terms.get("loss_rsm", 0.0)
+        if self.cbg.enabled:
+            total = (
+                total
+                + self.cbg.band_weight * (terms["loss_low"] + terms["loss_high"])
+                + self.cbg.consistency_weight * terms["loss_consistency"]
+                + self.cbg.high_energy_weight * terms["loss_high_energy"]
+            )
+        terms["loss_generator"] = total
+        terms["delta"] = delta
+        return terms
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        opt_f, opt_g = self.optimizers()
+
+        # 1) surrogate: k steps on the current (detached) perturbation
+        self.surrogate.train()
+        with torch.no_grad():
+            delta = self.perturbation(x, y)
+        protected = (x + delta).clamp(0, 1)
+        for _ in range(self.hparams.surrogate_steps):
+            logits = self.surrogate(protected)
+            loss_f = F.cross_entropy(logits, y)
+            opt_f.zero_grad(set_to_none=True)
+            self.manual_backward(loss_f)
+            opt_f.step()
+        self.surrogate_acc(logits.detach(), y)
+
+        # 2) generator: surrogate frozen (eval-mode BN, no grads to its weights)
+        self.surrogate.eval()
+        self.surrogate.requires_grad_(False)
+        terms = self.generator_losses(x, y)
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(terms["loss_generator"])
+        if self.hparams.generator_grad_clip > 0:
+            self.clip_gradients(opt_g, gradient_clip_val=self.hparams.generator_grad_clip, gradient_clip_algorithm="norm")
+        opt_g.step()
+        self.surrogate.requires_grad_(True)
+        self.surrogate.train()
+        for scheduler in self._schedulers():
+            scheduler.step()
+
+        delta = terms.pop("delta").detach()
+        self.log("train/loss_surrogate", loss_f.detach(), prog_bar=True)
+        self.log("train/surrogate_acc", self.surrogate_acc, on_step=False, on_epoch=True, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value.detach(), prog_bar=name == "loss_generator")
+        self.log("train/delta_linf_255", delta.abs().amax() * 255)
+        if self.hparams.log_spectrum_every_n_steps and batch_idx % self.hparams.log_spectrum_every_n_steps == 0:
+            self._log_spectrum_and_fidelity(x, delta)
+
+    @torch.no_grad()
+    def _log_spectrum_and_fidelity(self, x: torch.Tensor, delta: torch.Tensor) -> None:
+        from torchmetrics.functional.image import (
+            peak_signal_noise_ratio,
+            structural_similarity_index_measure,
+        )
+
+        shares = spectral.band_energy(delta.float(), LOG_BAND_EDGES)
+        for lo, hi, share in zip(LOG_BAND_EDGES[:-1], LOG_BAND_EDGES[1:], shares, strict=True):
+            self.log(f"delta_band/{lo:.2f}-{min(hi, math.sqrt(2)):.2f}", share)
+        protected = (x + delta).clamp(0, 1).float()
+        self.log("train/psnr", peak_signal_noise_ratio(protected, x.float(), data_range=1.0))
+        if min(x.shape[-2:]) >= 11:
+            self.log("train/ssim", structural_similarity_index_measure(protected, x.float(), data_range=1.0))
+
+    def _schedulers(self) -> list:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return schedulers if isinstance(schedulers, list) else [schedulers]
+
+    def on_train_epoch_end(self) -> None:
+        acc = self.trainer.callback_metrics.get("train/surrogate_acc")
+        if (
+            acc is not None
+            and float(acc) >= self.hparams.stop_accuracy
+            and self.current_epoch + 1 >= self.hparams.min_epochs_before_stop
+        ):
+            # The error-minimizing stop rule: the surrogate fits the perturbed data, the shortcut is in.
+            self.print(f"surrogate accuracy on perturbed data {float(acc):.4f} >= {self.hparams.stop_accuracy}: stopping")
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        # Surrogate accuracy on the *clean* test set: low means the shortcut replaced real features.
+        x, y = batch[0], batch[1]
+        self.val_surrogate_acc(self.surrogate(x), y)
+        self.log("val/surrogate_clean_acc", self.val_surrogate_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self):
+        if self.surrogate_optimizer_factory is not None:
+            opt_f = self.surrogate_optimizer_factory(self.surrogate.parameters())
+        else:
+            opt_f = torch.optim.SGD(self.surrogate.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if self.generator_optimizer_factory is not None:
+            opt_g = self.generator_optimizer_factory(self.generator.parameters())
+        else:
+            opt_g = torch.optim.Adam(self.generator.parameters(), lr=1e-3)
+        if self.hparams.scheduler == "none":
+            return [opt_f, opt_g]
+        # global_step counts every optimizer step (k + 1 per batch); schedule per training batch.
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, cosine_with_warmup(total)) for o in (opt_f, opt_g)]
+        return [opt_f, opt_g], schedulers

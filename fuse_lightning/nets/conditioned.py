@@ -1,0 +1,53 @@
+"""Label-conditioned perturbation generator: delta = G(x, y).
+
+The data owner knows each image's label, and an error-minimizing perturbation must correlate with
+it (that is the shortcut). Feeding the label to the generator lets it produce a class-consistent
+shortcut from the first step instead of having to infer the class from the image content.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fuse_lightning.nets.generators import build_generator
+
+
+class ConditionedGenerator(nn.Module):
+    """A fully convolutional generator fed with the image and per-class embedding channels.
+
+    Args:
+        arch: Backbone name (`encdec` or `unet`).
+        num_classes: Number of classes (size of the label embedding table).
+        in_channels: Image channels.
+        base_width: Backbone width.
+        embed_dim: Label-embedding channels broadcast over the image plane; 0 disables
+            conditioning (delta = G(x)).
+    """
+
+    def __init__(
+        self,
+        arch: str = "encdec",
+        num_classes: int = 10,
+        in_channels: int = 3,
+        base_width: int = 32,
+        embed_dim: int = 8,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.embedding = nn.Embedding(num_classes, embed_dim) if embed_dim > 0 else None
+        self.backbone = build_generator(
+            arch,
+            in_channels=in_channels + embed_dim,
+            out_channels=in_channels,
+            base_width=base_width,
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw (unbounded) perturbation logits of the same shape as `x`."""
+        if self.embedding is not None:
+            if y is None:
+                raise ValueError("this generator is label-conditioned: pass labels y")
+            maps = self.embedding(y)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+            x = torch.cat([x, maps.to(x.dtype)], dim=1)
+        return self.backbone(x)

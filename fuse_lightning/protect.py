@@ -1,0 +1,211 @@
+"""Write a protected copy of a training set: perturb, quantize to uint8 within budget, export.
+
+Every method of the project (FUSE and the baselines) reduces to a *perturbation function*
+`delta = perturb_fn(images, labels, indices)` on float images in [0, 1]. `protect_dataset` turns it
+into a protected dataset in the source's own on-disk format (CIFAR pickle batches, or a PNG tree for
+ImageNet subsets) plus a `manifest.json`, guaranteeing ‖x_protected − x‖∞ ≤ ε in uint8 units.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place only
+when complete, so an interrupted export never leaves a half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from tqdm.auto import tqdm
+
+import fuse_lightning
+from fuse_lightning.budget import linf_uint8, quantize_protected
+
+PerturbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    """Package version plus the git commit when run from a checkout (`+dirty` if modified)."""
+    version = fuse_lightning.__version__
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{version}+g{commit}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
+    """Check the destination and make a temporary sibling to write into.
+
+    Returns:
+        (final path, temporary path). Raises FileExistsError when the destination exists and
+        `overwrite` is false.
+    """
+    final = Path(out_dir).resolve()
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    return final, tmp
+
+
+def commit_output_dir(tmp: Path, final: Path) -> None:
+    """Atomically move a completed temporary directory into place (replacing an old one)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any], exclude: tuple[str, ...] = ()) -> Path:
+    """Add sha256 of every file under `directory` to `manifest` and write `manifest.json`."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel == "manifest.json" or rel in exclude:
+            continue
+        files[rel] = sha256_file(path)
+    manifest = {**manifest, "files": files}
+    target = directory / "manifest.json"
+    target.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
+    return target
+
+
+def verify_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """Re-hash every file listed in `manifest.json`; raise ValueError naming any mismatch."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no manifest.json in {directory}")
+    manifest = json.loads(manifest_path.read_text())
+    for rel, digest in manifest.get("files", {}).items():
+        path = directory / rel
+        if not path.is_file():
+            raise ValueError(f"{path} is listed in {manifest_path} but missing")
+        if sha256_file(path) != digest:
+            raise ValueError(f"{path} does not match the sha256 recorded in {manifest_path}")
+    return manifest
+
+
+class FidelityMeter:
+    """Accumulates PSNR, SSIM (torchmetrics) and the uint8 L∞ distance of protected vs clean."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+        self.linf = 0
+        self.count = 0
+
+    def update(self, clean_uint8: torch.Tensor, protected_uint8: torch.Tensor) -> None:
+        clean = clean_uint8.float() / 255
+        protected = protected_uint8.float() / 255
+        self.psnr.update(protected, clean)
+        if min(clean.shape[-2:]) >= 11:  # SSIM's 11x11 Gaussian window needs at least that size
+            self.ssim.update(protected, clean)
+        self.linf = max(self.linf, linf_uint8(clean_uint8, protected_uint8))
+        self.count += clean.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        result = {"psnr": float(self.psnr.compute()), "linf_uint8": int(self.linf), "num_images": self.count}
+        try:
+            result["ssim"] = float(self.ssim.compute())
+        except (RuntimeError, ValueError):  # no update (tiny images)
+            result["ssim"] = float("nan")
+        return result
+
+
+@torch.no_grad()
+def protect_dataset(
+    datamodule,
+    perturb_fn: PerturbFn,
+    out_dir: str | os.PathLike,
+    eps: float,
+    manifest: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Perturb a DataModule's whole training set and export it in the source's format.
+
+    Args:
+        datamodule: A project DataModule (CIFAR or ImageNet subset); `setup("fit")` is called.
+        perturb_fn: `(images in [0,1], labels, indices) -> delta` on `device`; any range,
+            clipped to the budget here.
+        out_dir: Destination directory (must not exist unless `overwrite`).
+        eps: Budget in 0-255 units (8 means 8/255).
+        manifest: Extra manifest entries (method, config, seed...).
+        overwrite: Replace an existing destination.
+        device: Where `perturb_fn` runs.
+        batch_size: Protection batch size (default: the DataModule's eval batch size).
+        progress: Show a progress bar.
+
+    Returns:
+        The final output directory.
+    """
+    final, tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        datamodule.setup("fit")
+        # The training set the run was configured with (its `train_subset`, if any), clean.
+        loader = datamodule.protect_dataloader(batch_size=batch_size, use_subset=True)
+        meter = FidelityMeter(device)
+        protected_batches, label_batches, index_batches = [], [], []
+        for images, labels, indices in tqdm(loader, desc=f"protect -> {final.name}", disable=not progress):
+            images, labels = images.to(device), labels.to(device)
+            delta = perturb_fn(images.float() / 255, labels, indices.to(device))
+            protected = quantize_protected(images, delta, eps)
+            meter.update(images, protected)
+            protected_batches.append(protected.cpu())
+            label_batches.append(labels.cpu())
+            index_batches.append(indices.cpu())
+        indices_all = torch.cat(index_batches)
+        order = indices_all.argsort()
+        protected_all = torch.cat(protected_batches)[order]
+        labels_all = torch.cat(label_batches)[order]
+        datamodule.write_train_set(tmp, protected_all, labels_all, indices=indices_all[order])
+        fidelity = meter.compute()
+        info = {
+            "format": type(datamodule).__name__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+            "eps_255": eps,
+            "num_images": int(protected_all.shape[0]),
+            "fidelity": fidelity,
+            **(manifest or {}),
+        }
+        write_manifest(tmp, info)
+        if fidelity["linf_uint8"] > eps:  # cannot happen after quantize_protected; guard anyway
+            raise AssertionError(f"budget violated: {fidelity['linf_uint8']} > {eps}")
+        commit_output_dir(tmp, final)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
