@@ -47,6 +47,12 @@ def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
         commands["sweep"] = sweep_main
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from fuse_lightning.baselines.cli import baseline_main
+
+        commands["baseline"] = baseline_main
+    except ImportError:  # pragma: no cover
+        pass
     return commands
 
 
@@ -72,7 +78,8 @@ def main(args: Sequence[str] | None = None) -> int | None:
         return extra[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(f"Project subcommands besides Lightning's: {', '.join(sorted(extra)) or 'none'}")
-    build_cli(argv)
+    # Without explicit args LightningCLI reads sys.argv itself (and warns when handed a list).
+    build_cli(None if args is None else argv)
     return 0
 
 

@@ -100,7 +100,10 @@ class FUSEModule(L.LightningModule):
         generator_arch: Generator backbone: `encdec` (fast) or `unet`.
         generator_width: Generator base width.
         label_embed_dim: Label-embedding channels fed to the generator (0: delta = G(x)).
+        label_code_size: 0: constant per-class embedding channels; k > 0: a learned k x k spatial
+            code per class, resized to the image (see `ConditionedGenerator`).
         surrogate_arch: Surrogate classifier from the registry (e.g. fastnet, resnet18).
+        surrogate_kwargs: Extra keyword arguments of the surrogate builder (e.g. `{width: 0.5}`).
         surrogate_steps: Surrogate updates (k) per training step, on the same batch.
         surrogate_optimizer: Optimizer factory for the surrogate (default SGD lr 0.1, momentum
             0.9, weight decay 5e-4, the error-minimizing-noise recipe).
@@ -127,7 +130,9 @@ class FUSEModule(L.LightningModule):
         generator_arch: str = "encdec",
         generator_width: int = 32,
         label_embed_dim: int = 8,
+        label_code_size: int = 0,
         surrogate_arch: str = "resnet18",
+        surrogate_kwargs: dict | None = None,
         surrogate_steps: int = 1,
         surrogate_optimizer: OptimizerFactory | None = None,
         generator_optimizer: OptimizerFactory | None = None,
@@ -159,9 +164,12 @@ class FUSEModule(L.LightningModule):
         self.surrogate_optimizer_factory = surrogate_optimizer
         self.generator_optimizer_factory = generator_optimizer
         self.generator = ConditionedGenerator(
-            generator_arch, num_classes, base_width=generator_width, embed_dim=label_embed_dim
+            generator_arch, num_classes, base_width=generator_width, embed_dim=label_embed_dim,
+            code_size=label_code_size,
         )
-        self.surrogate = classifier_with_normalization(surrogate_arch, num_classes, image_size, mean, std)
+        self.surrogate = classifier_with_normalization(
+            surrogate_arch, num_classes, image_size, mean, std, surrogate_kwargs
+        )
         self.surrogate_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_surrogate_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

@@ -209,3 +209,158 @@ def protect_dataset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def run_manifest(pl_module, datamodule, mode: str, trainer=None, ckpt_path: str | None = None) -> dict[str, Any]:
+    """Manifest entries of a FUSE export: method, every model/data setting, seed, provenance."""
+    data_hparams = dict(getattr(datamodule, "hparams", {}) or {})
+    info: dict[str, Any] = {
+        "method": "fuse",
+        "mode": mode,
+        "model_class": type(pl_module).__name__,
+        "model_config": {k: v for k, v in dict(pl_module.hparams).items()},
+        "data_class": type(datamodule).__name__,
+        "data_config": {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple, dict)) else repr(v)) for k, v in data_hparams.items()},
+        "seed": os.environ.get("PL_GLOBAL_SEED"),
+        "checkpoint": ckpt_path,
+    }
+    if trainer is not None:
+        info["global_step"] = int(trainer.global_step)
+        info["epochs"] = int(trainer.current_epoch)
+        config_file = Path(trainer.log_dir or "") / "config.yaml"
+        if trainer.log_dir and config_file.is_file():
+            info["cli_config"] = config_file.read_text()
+    return info
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@torch.no_grad()
+def protect_folder(
+    pl_module,
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    label: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Protect a plain folder of a user's own images (any sizes) into PNGs beside a manifest.
+
+    The generator is fully convolutional, so each image is perturbed at its own resolution. A
+    label-conditioned generator needs a class: sub-folders are mapped to classes in sorted order
+    (modulo the number of classes); loose images get `label`.
+
+    Args:
+        pl_module: A trained FUSEModule.
+        folder: Input folder (searched recursively).
+        out_dir: Output folder (atomic write; refuses to overwrite without `overwrite`).
+        label: Class used for images directly under `folder`.
+        overwrite: Replace an existing output folder.
+        progress: Show a progress bar.
+    """
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {folder}")
+    num_classes = int(pl_module.hparams.num_classes)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"--label must be in [0, {num_classes}), got {label}")
+    subdirs = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    class_of = {name: i % num_classes for i, name in enumerate(subdirs)}
+    final, tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        pl_module.eval()
+        eps = float(pl_module.hparams.eps)
+        per_image = {}
+        for path in tqdm(files, desc=f"protect {folder.name}", disable=not progress):
+            rel = path.relative_to(folder)
+            try:
+                with Image.open(path) as img:
+                    clean = pil_to_tensor(img.convert("RGB")).unsqueeze(0)
+            except OSError as err:
+                raise ValueError(f"cannot read image {path}: {err}") from err
+            cls = class_of.get(rel.parts[0], label) if len(rel.parts) > 1 else label
+            y = torch.tensor([cls], device=pl_module.device)
+            x = clean.to(pl_module.device).float() / 255
+            protected = quantize_protected(clean.to(pl_module.device), pl_module.perturbation(x, y), eps)
+            meter = FidelityMeter(pl_module.device)
+            meter.update(clean.to(pl_module.device), protected)
+            target = (tmp / rel).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(protected[0].permute(1, 2, 0).cpu().numpy()).save(target)
+            per_image[target.relative_to(tmp).as_posix()] = {"source": rel.as_posix(), "class": cls, **meter.compute()}
+        write_manifest(
+            tmp,
+            {
+                "method": "fuse",
+                "source_folder": str(folder.resolve()),
+                "eps_255": eps,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "code_version": code_version(),
+                "model_config": dict(pl_module.hparams),
+                "images": per_image,
+            },
+        )
+        commit_output_dir(tmp, final)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def protect_main(argv: list[str]) -> int:
+    """`fuse protect --ckpt CKPT --config CFG --out DIR [--images FOLDER] [...]`.
+
+    Loads the model (and DataModule) described by the config(s), restores the checkpoint's
+    weights, and writes the protected training set in the source's format — or, with
+    `--images`, protected PNGs of a plain folder. Any other flag (e.g. `--data.data_dir`) is
+    passed to the config parser.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="fuse protect",
+        description="Write a protected dataset from a trained FUSE checkpoint.",
+        epilog="Remaining flags (--config, --data.data_dir, ...) go to the Lightning config parser.",
+    )
+    parser.add_argument("--ckpt", required=True, help="FUSE checkpoint (.ckpt)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--mode", choices=["samplewise", "classwise"], default=None, help="default: the model's")
+    parser.add_argument("--images", default=None, help="protect this folder of images instead of the training set")
+    parser.add_argument("--label", type=int, default=0, help="class for loose images in --images")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    args, rest = parser.parse_known_args(argv)
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_file():
+        parser.error(f"--ckpt {ckpt} does not exist")
+    if Path(args.out).exists() and not args.overwrite:
+        parser.error(f"--out {args.out} already exists; pass --overwrite to replace it")
+    from fuse_lightning.cli import build_cli
+
+    cli = build_cli(rest + ["--trainer.logger", "false"], run=False)
+    model, datamodule = cli.model, cli.datamodule
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError, OSError) as err:
+        parser.error(f"cannot load {ckpt} into {type(model).__name__}: {err}")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    model.to(device).eval()
+    if args.images:
+        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite)
+    else:
+        mode = args.mode or model.hparams.mode
+        info = run_manifest(model, datamodule, mode=mode, ckpt_path=str(ckpt.resolve()))
+        out = protect_dataset(
+            datamodule, model.perturb_fn(datamodule, mode), args.out, eps=model.hparams.eps,
+            manifest=info, overwrite=args.overwrite, device=device,
+        )
+    print(f"protected data written to {out}")
+    return 0

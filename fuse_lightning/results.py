@@ -273,14 +273,20 @@ def plot_acc_vs_cutoff(
     """
     stats = aggregate(rows, key)
     points: dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]] = {}
-    kinds = {c[0] for r in rows if (c := cutoff_of(r["filter"])) and c[0] != "none"}
+    parsed_all = [c for r in rows if (c := cutoff_of(r["filter"]))]
+    kinds = {kind for kind, _ in parsed_all if kind != "none"}
+    # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted: an ideal radial cutoff of
+    # 1.0 still drops the corner frequencies (radius up to sqrt 2), so "none" moves to sqrt 2.
+    top = max((c for kind, c in parsed_all if kind != "none"), default=0.0)
+    x_none = 1.0 if top < 1.0 else float(np.sqrt(2.0))
     for (arch, method, filt), (mean, std, _) in stats.items():
         parsed = cutoff_of(filt)
         if parsed is None:
             continue
-        # "none" (cutoff 1.0) belongs to every low-pass kind's curve.
+        x = x_none if parsed[0] == "none" else parsed[1]
+        # "none" belongs to every low-pass kind's curve.
         for kind in [parsed[0]] if parsed[0] != "none" else (sorted(kinds) or ["none"]):
-            points.setdefault(arch, {}).setdefault((method, kind), []).append((parsed[1], mean, std))
+            points.setdefault(arch, {}).setdefault((method, kind), []).append((x, mean, std))
     if not points:
         return None
     methods = _ordered(r["method"] for r in rows)
@@ -297,9 +303,13 @@ def plot_acc_vs_cutoff(
                     ax.fill_between(xs, ys - ss, ys + ss, alpha=0.15, color=line.get_color())
         if chance is not None:
             ax.axhline(chance, linestyle="--", color="gray", linewidth=1, label="chance")
+        ticks = sorted({p[0] for pts in points[arch].values() for p in pts})
+        # Only "none" rows sit at x_none (a real cutoff of 1.0 moves it to sqrt 2).
+        ax.set_xticks(ticks, [("none" if t == x_none else f"{t:g}") for t in ticks], fontsize=7)
         ax.set_title(arch)
-        ax.set_xlabel("low-pass cutoff (fraction of Nyquist; 1 = no filter)")
-        ax.set_ylabel("clean test accuracy (%)")
+        ax.set_xlabel("low-pass cutoff (× Nyquist)")
+        if ax is axes[0]:
+            ax.set_ylabel("clean test accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="best")

@@ -126,6 +126,7 @@ class Perturbation:
         device: str | torch.device = "cpu",
         batch_size: int | None = None,
         progress: bool = True,
+        extra_manifest: dict[str, Any] | None = None,
     ) -> Path:
         """Fit, then write the protected training set with its manifest.
 
@@ -136,6 +137,7 @@ class Perturbation:
             device: Where `perturb_fn` runs during the export ("auto" picks CUDA if available).
             batch_size: Export batch size (default: the DataModule's eval batch size).
             progress: Show progress bars.
+            extra_manifest: More manifest entries (e.g. the resolved CLI config).
 
         Returns:
             The output directory.
@@ -150,7 +152,7 @@ class Perturbation:
             self.perturb_fn,
             final,
             eps=self.eps,
-            manifest=self.manifest(),
+            manifest={**self.manifest(), **(extra_manifest or {})},
             overwrite=overwrite,
             device=resolve_device(device),
             batch_size=batch_size,

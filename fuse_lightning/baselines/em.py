@@ -221,7 +221,7 @@ class ErrorMinimizingNoise(Perturbation):
             correct += int((logits.argmax(1) == y).sum())
         return correct / len(labels), loss_sum / len(labels)
 
-    def evaluate_surrogate(self, datamodule=None) -> dict[str, float]:
+    def evaluate_surrogate(self) -> dict[str, float]:
         """Surrogate accuracy and loss on the fit set, clean and perturbed (after `fit`)."""
         if self.surrogate is None:
             raise RuntimeError("call fit() first")
@@ -290,7 +290,7 @@ class ErrorMinimizingNoise(Perturbation):
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    train_loss += float(loss) / max(1, self.train_steps)
+                    train_loss += loss.item() / max(1, self.train_steps)
                 # 2) update the perturbations over the whole fit set (surrogate frozen, eval mode)
                 model.eval()
                 model.requires_grad_(False)

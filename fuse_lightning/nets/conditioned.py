@@ -8,6 +8,7 @@ shortcut from the first step instead of having to infer the class from the image
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fuse_lightning.nets.generators import build_generator
@@ -21,8 +22,10 @@ class ConditionedGenerator(nn.Module):
         num_classes: Number of classes (size of the label embedding table).
         in_channels: Image channels.
         base_width: Backbone width.
-        embed_dim: Label-embedding channels broadcast over the image plane; 0 disables
-            conditioning (delta = G(x)).
+        embed_dim: Label-embedding channels; 0 disables conditioning (delta = G(x)).
+        code_size: 0 broadcasts each class's embedding as constant channels; k > 0 learns a
+            k x k spatial code per class, bilinearly resized to the image (resolution-agnostic),
+            which hands the generator a class-specific spatial layout to build on.
     """
 
     def __init__(
@@ -32,10 +35,17 @@ class ConditionedGenerator(nn.Module):
         in_channels: int = 3,
         base_width: int = 32,
         embed_dim: int = 8,
+        code_size: int = 0,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.embedding = nn.Embedding(num_classes, embed_dim) if embed_dim > 0 else None
+        self.code_size = code_size
+        self.embedding = nn.Embedding(num_classes, embed_dim) if embed_dim > 0 and code_size == 0 else None
+        self.codes = (
+            nn.Parameter(torch.randn(num_classes, embed_dim, code_size, code_size))
+            if embed_dim > 0 and code_size > 0
+            else None
+        )
         self.backbone = build_generator(
             arch,
             in_channels=in_channels + embed_dim,
@@ -45,9 +55,12 @@ class ConditionedGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (unbounded) perturbation logits of the same shape as `x`."""
-        if self.embedding is not None:
+        if self.embed_dim > 0:
             if y is None:
                 raise ValueError("this generator is label-conditioned: pass labels y")
-            maps = self.embedding(y)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
+            if self.codes is not None:
+                maps = F.interpolate(self.codes[y], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            else:
+                maps = self.embedding(y)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
             x = torch.cat([x, maps.to(x.dtype)], dim=1)
         return self.backbone(x)

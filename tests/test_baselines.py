@@ -1,0 +1,258 @@
+"""Baseline methods: budgets, export format, class structure, EM optimisation and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fuse_lightning.data.cifar as cifar_module
+from fuse_lightning.baselines import (
+    AutoregressivePerturbation,
+    ErrorMinimizingNoise,
+    LinearSeparablePatches,
+    RandomNoise,
+)
+from fuse_lightning.baselines.synthetic import (
+    ar_filter_response,
+    ar_generate,
+    ar_generate_reference,
+    draw_ar_coefficients,
+)
+from fuse_lightning.cli import main
+from fuse_lightning.data import CIFAR10DataModule, read_cifar, write_cifar
+from fuse_lightning.protect import verify_manifest
+
+N_TRAIN, N_TEST = 200, 50
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "baselines"
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """Tiny CIFAR-10 in the python pickle layout: 200 train / 50 test images, balanced labels."""
+    root = tmp_path_factory.mktemp("cifar")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        images = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+        labels = torch.arange(n) % 10
+        write_cifar(root, images, labels, "cifar10", split)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def tiny_counts(monkeypatch):
+    counts = {"train": N_TRAIN, "test": N_TEST}
+    monkeypatch.setattr(cifar_module, "expected_counts", lambda variant, split: counts[split])
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def datamodule(root, **kw) -> CIFAR10DataModule:
+    return CIFAR10DataModule(data_dir=str(root), batch_size=32, eval_batch_size=64, **kw)
+
+
+def tiny_em(**kw) -> ErrorMinimizingNoise:
+    args = dict(
+        arch="fastnet", arch_kwargs={"width": 0.25}, pgd_steps=3, pgd_step_size=2.0,
+        train_steps=5, max_rounds=2, stop_accuracy=1.01, batch_size=64, device="cpu",
+        progress=False, lr=0.05,
+    )
+    return ErrorMinimizingNoise(**{**args, **kw})
+
+
+def check_export(out, root, eps):
+    """Manifest verifies, the copy reloads through the DataModule, the budget holds."""
+    manifest = verify_manifest(out)
+    assert manifest["fidelity"]["linf_uint8"] <= eps
+    clean, labels = read_cifar(root, "cifar10", "train")
+    dm = datamodule(root, protected_dir=str(out))
+    dm.setup("fit")
+    assert torch.equal(dm.train_labels, labels)
+    diff = dm.train_images.int() - clean.int()
+    assert diff.abs().max() <= eps
+    assert diff.abs().max() > 0
+    return manifest, diff.float() / 255, clean, labels
+
+
+def test_random_noise_export_budget_and_per_image(cifar_root, tmp_path):
+    method = RandomNoise(eps=8, seed=3)
+    out = method.protect(datamodule(cifar_root), tmp_path / "random", progress=False)
+    manifest, diff, _, _ = check_export(out, cifar_root, 8)
+    assert manifest["method"] == "random_noise"
+    assert manifest["method_args"] == {"eps": 8, "seed": 3}
+    assert not torch.equal(diff[0], diff[1])  # a different draw per image
+    # deterministic per index, regardless of the batch it comes in
+    x = torch.rand(4, 3, 32, 32)
+    a = method.perturb_fn(x, torch.zeros(4, dtype=torch.long), torch.tensor([5, 6, 7, 8]))
+    b = method.perturb_fn(x[:1], torch.zeros(1, dtype=torch.long), torch.tensor([7]))
+    assert torch.equal(a[2], b[0])
+    assert a.abs().max() <= 8 / 255 and a.abs().max() > 7 / 255
+    assert abs(float(a.mean())) < 0.1 * 8 / 255  # zero-mean uniform
+
+
+def test_refuses_to_overwrite(cifar_root, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="exists"):
+        RandomNoise().protect(datamodule(cifar_root), out, progress=False)
+
+
+def test_lsp_budget_l2_and_linf(cifar_root, tmp_path):
+    method = LinearSeparablePatches(eps=8, l2_rms=6.0, seed=1)
+    out = method.protect(datamodule(cifar_root), tmp_path / "lsp", progress=False)
+    manifest, diff, clean, labels = check_export(out, cifar_root, 8)
+    budget = method.l2_budget((3, 32, 32))
+    assert manifest["fit_info"]["patch_size"] == 8
+    assert budget == pytest.approx(6 / 255 * 3072**0.5)
+    norms = diff.flatten(1).norm(dim=1)
+    # rounding moves each pixel by at most 0.5/255
+    assert (norms <= budget + 0.5 / 255 * 3072**0.5).all()
+    # before clipping to the image range, the perturbation has exactly the L2 budget
+    delta = method.perturb_fn(clean.float() / 255, labels, torch.arange(N_TRAIN))
+    assert delta.flatten(1).norm(dim=1).sub(budget).abs().max() < 0.02 * budget
+    # constant on 8x8 patches (low frequency), and separable by class: nearest class centroid
+    assert torch.equal(delta[:, :, :8, :8], delta[:, :, :1, :1].expand(-1, -1, 8, 8))
+    grid = delta[:, :, ::8, ::8].flatten(1)
+    centroids = method.centroids.flatten(1)
+    pred = (grid @ centroids.T).argmax(1)
+    assert torch.equal(pred, labels)
+    # the patch size scales with the resolution
+    big = LinearSeparablePatches(seed=1)
+    big.setup(10, (3, 64, 64))
+    assert big.fit_info["patch_size"] == 16 and tuple(big.centroids.shape) == (10, 3, 4, 4)
+
+
+def test_ar_wavefront_matches_reference_and_is_class_dependent(cifar_root, tmp_path):
+    coeffs = draw_ar_coefficients(2, 3, torch.Generator().manual_seed(0))
+    init = torch.randn(2, 3, 10, 12, dtype=torch.float64)
+    fast = ar_generate(coeffs, init)
+    slow = torch.stack([ar_generate_reference(coeffs[k], init[k]) for k in range(2)])
+    assert torch.allclose(fast, slow, rtol=1e-10, atol=1e-10)
+
+    method = AutoregressivePerturbation(eps=8, seed=2)
+    out = method.protect(datamodule(cifar_root), tmp_path / "ar", progress=False)
+    manifest, _, clean, labels = check_export(out, cifar_root, 8)
+    assert manifest["method"] == "ar"
+    filters = method.filters()
+    assert filters.shape == (10, 3, 3, 3)
+    # filters differ by class
+    flat = filters.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(10) * 1e9).min() > 1e-2
+    delta = method.perturb_fn(clean.float() / 255, labels, torch.arange(N_TRAIN)).double()
+    assert delta.abs().amax(dim=(1, 2, 3)).sub(8 / 255).abs().max() < 1e-6  # scaled to L-inf eps
+    # a class's own AR filter annihilates its perturbations; the other classes' do not
+    response = ar_filter_response(delta, filters)
+    assert torch.equal(response.argmin(1), labels)
+    own = response.gather(1, labels[:, None]).squeeze(1)
+    others = response.clone().scatter_(1, labels[:, None], float("inf")).min(1).values
+    assert (own < 1e-3 * others).all()
+    # different images of one class get different perturbations
+    assert not torch.allclose(delta[0], delta[10])
+
+
+def test_em_classwise_one_delta_per_class(cifar_root, tmp_path):
+    method = tiny_em(mode="classwise", max_rounds=1)
+    dm = datamodule(cifar_root)
+    dm.setup("fit")
+    method.fit(dm)
+    assert method.delta.shape == (10, 3, 32, 32)
+    assert method.delta.abs().max() <= 8 / 255 + 1e-7
+    grey = torch.full((20, 3, 32, 32), 0.5)  # mid-grey: the [0, 1] clip never binds
+    labels = torch.arange(20) % 10
+    delta = method.perturb_fn(grey, labels, torch.arange(20))
+    assert torch.equal(delta[:10], delta[10:])
+    assert not torch.allclose(delta[0], delta[1])
+    out = method.protect(dm, tmp_path / "emc", progress=False)
+    manifest, diff, _, _ = check_export(out, cifar_root, 8)
+    assert manifest["method"] == "em_classwise"
+
+
+def test_em_samplewise_minimises_surrogate_loss(cifar_root, tmp_path, capsys):
+    method = tiny_em(mode="samplewise", max_rounds=2)
+    out = method.protect(datamodule(cifar_root), tmp_path / "ems", progress=False)
+    manifest, _, _, _ = check_export(out, cifar_root, 8)
+    assert manifest["method"] == "em_samplewise"
+    assert manifest["method_args"]["pgd_steps"] == 3
+    assert [h["round"] for h in manifest["fit_info"]["history"]] == [1, 2]
+    assert "round 2/2" in capsys.readouterr().out
+    stats = method.evaluate_surrogate()
+    # error-minimizing: the perturbed data is markedly easier for the surrogate than the clean one
+    assert stats["perturbed_loss"] < 0.9 * stats["clean_loss"]
+    assert stats["perturbed_acc"] > stats["clean_acc"]
+    assert method.delta.abs().max() <= 8 / 255 + 1e-6
+
+
+def test_em_unseen_images(cifar_root):
+    dm = datamodule(cifar_root, train_subset=100)
+    method = tiny_em(max_rounds=1, pgd_steps=2, unseen="zero")
+    method.fit(dm)
+    assert method.fit_info["fit_images"] == 100
+    seen = dm.train_indices[:3]
+    unseen = torch.tensor(sorted(set(range(N_TRAIN)) - set(dm.train_indices.tolist()))[:3])
+    idx = torch.cat([seen, unseen])
+    x = torch.full((6, 3, 32, 32), 0.5)
+    y = torch.zeros(6, dtype=torch.long)
+    delta = method.perturb_fn(x, y, idx)
+    assert delta[:3].abs().amax(dim=(1, 2, 3)).min() > 0
+    assert delta[3:].abs().max() == 0
+    method.unseen = "pgd"
+    delta = method.perturb_fn(x, y, idx)
+    assert delta[3:].abs().amax(dim=(1, 2, 3)).min() > 0
+    assert delta.abs().max() <= 8 / 255 + 1e-6
+
+
+def test_cli_end_to_end_and_refuses_overwrite(cifar_root, tmp_path, capsys):
+    out = tmp_path / "cli_ar"
+    args = [
+        "baseline",
+        "--data", "CIFAR10DataModule",
+        "--data.init_args.data_dir", str(cifar_root),
+        "--method", "AutoregressivePerturbation",
+        "--method.init_args.seed", "5",
+        "--method.init_args.eps", "6",
+        "--out", str(out),
+        "--device", "cpu",
+        "--no_progress",
+    ]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method_args"] == {"eps": 6, "crop": 4, "max_crest": 5.0, "seed": 5}
+    assert manifest["config"]["method"]["init_args"]["seed"] == 5
+    check_export(out, cifar_root, 6)
+    assert main(args) == 1
+    assert str(out) in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(args[:-5])  # no --out
+    assert exc.value.code != 0
+
+
+def test_cli_em_config_file_with_overrides(cifar_root, tmp_path):
+    out = tmp_path / "cli_em"
+    code = main([
+        "baseline",
+        "--config", str(CONFIGS / "em_classwise_cifar10.yaml"),
+        "--data.init_args.data_dir", str(cifar_root),
+        "--data.init_args.download", "false",
+        "--method.init_args.arch", "fastnet",
+        "--method.init_args.arch_kwargs", "{width: 0.25}",
+        "--method.init_args.max_rounds", "1",
+        "--method.init_args.pgd_steps", "1",
+        "--method.init_args.train_steps", "2",
+        "--out", str(out),
+        "--device", "cpu",
+        "--no_progress",
+    ])
+    assert code == 0
+    manifest = verify_manifest(out)
+    assert manifest["method"] == "em_classwise"
+    assert manifest["method_args"]["arch"] == "fastnet"
+    assert manifest["method_args"]["device"] == "cpu"

@@ -1,0 +1,85 @@
+"""Every shipped config composes and runs one `fast_dev_run` step on CPU (tiny generated data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuse_lightning.cli import build_cli, main
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNABLE = sorted(p for p in (REPO / "configs").glob("*.yaml"))
+OVERLAYS = {"victim_cpu.yaml": "victim_cifar10.yaml"}  # composed after a base config
+
+
+def data_args(config: Path, tiny: dict[str, Path]) -> list[str]:
+    text = config.read_text()
+    if "ImageNetSubsetDataModule" in text:
+        return ["--data.data_dir", str(tiny["imagenet"]), "--data.image_size", "32", "--data.num_workers", "0",
+                "--data.num_classes", "3"]
+    root = tiny["cifar100"] if "CIFAR100DataModule" in text else tiny["cifar10"]
+    return ["--data.data_dir", str(root), "--data.check_counts", "false", "--data.train_subset", "null",
+            "--data.test_subset", "null", "--data.download", "false"]
+
+
+@pytest.mark.parametrize("config", RUNNABLE, ids=lambda p: p.stem)
+def test_config_fast_dev_run(config: Path, tiny_cifar10, tiny_cifar100, tiny_imagenet, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logs/, outputs/ of the run stay in the temporary directory
+    torch.manual_seed(0)
+    configs = ["--config", str(config)]
+    base = OVERLAYS.get(config.name)
+    if base:
+        configs = ["--config", str(REPO / "configs" / base)] + configs
+    composed = REPO / "configs" / (base or config.name)
+    tiny = {"cifar10": tiny_cifar10, "cifar100": tiny_cifar100, "imagenet": tiny_imagenet}
+    args = ["fit", *configs, *data_args(composed, tiny), "--trainer.fast_dev_run", "1",
+            "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 0
+
+
+@pytest.mark.parametrize("overlay", sorted((REPO / "configs" / "trainer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_trainer_overlays_compose(overlay: Path, tmp_path, capsys, monkeypatch):
+    """Overlays (GPU, W&B) compose with the main config; last file wins."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(REPO / "configs" / "fuse_cifar10.yaml"), "--config", str(overlay),
+                   "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    if overlay.stem == "gpu":
+        assert "accelerator: gpu" in printed and "precision: bf16-mixed" in printed
+    if overlay.stem == "wandb":
+        assert "WandbLogger" in printed
+
+
+def test_dotted_override_and_help(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(REPO / "configs" / "victim_cifar10.yaml"), "--model.arch", "fastnet",
+                   "--data.train_filter", "lowpass-ideal-0.25", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "arch: fastnet" in printed and "lowpass-ideal-0.25" in printed
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--model", "fuse_lightning.victim.VictimModule", "--help"])
+    assert "Classifier name from the registry" in capsys.readouterr().out  # Args: docstring -> --help
+
+
+def test_bad_option_exits_non_zero(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "victim_cifar10.yaml"), "--model.no_such_option", "1"])
+    assert exit_info.value.code != 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "does_not_exist.yaml")])
+    assert exit_info.value.code != 0
+    assert "does_not_exist.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_channels_last_fast_dev_run(tiny_cifar10, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", str(REPO / "configs" / "fuse_cifar10.yaml"), "--config",
+                 str(REPO / "configs" / "trainer" / "gpu.yaml"), "--trainer.devices", "1",
+                 *data_args(REPO / "configs" / "fuse_cifar10.yaml", {"cifar10": tiny_cifar10}),
+                 "--trainer.fast_dev_run", "2"]) == 0

@@ -1,0 +1,173 @@
+"""FUSE: budget, the two-player step, RSM/CBG terms, class-wise mode, export, `fuse protect`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from fuse_lightning.cli import main
+from fuse_lightning.data import CIFAR10DataModule
+from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
+from fuse_lightning.protect import protect_dataset, verify_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_fuse(**kwargs) -> FUSEModule:
+    defaults = dict(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8, log_spectrum_every_n_steps=1)
+    return FUSEModule(**{**defaults, **kwargs})
+
+
+def tiny_dm(root: Path, **kwargs) -> CIFAR10DataModule:
+    return CIFAR10DataModule(data_dir=str(root), batch_size=32, check_counts=False, augment=False, **kwargs)
+
+
+def test_delta_never_exceeds_eps_even_with_huge_generator_outputs():
+    torch.manual_seed(0)
+    model = small_fuse(eps=8)
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.mul_(50)  # saturate tanh
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    delta = model.perturbation(x, y)
+    assert delta.abs().max() <= 8 / 255 + 1e-7
+    assert delta.abs().max() > 7.9 / 255  # really saturated: the bound is what stops it
+
+
+def test_generator_step_leaves_surrogate_untouched():
+    torch.manual_seed(0)
+    model = small_fuse()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    before = copy.deepcopy(model.surrogate.state_dict())  # weights and BN running stats
+    generator_before = copy.deepcopy(model.generator.state_dict())
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=1e-2)
+    model.surrogate.eval()
+    model.surrogate.requires_grad_(False)
+    model.generator_losses(x, y)["loss_generator"].backward()
+    opt_g.step()
+    for name, tensor in model.surrogate.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    changed = [n for n, t in model.generator.state_dict().items() if not torch.equal(t, generator_before[n])]
+    assert changed, "the generator step must change the generator"
+
+
+def test_one_training_step_changes_generator_and_surrogate(tiny_cifar10: Path):
+    torch.manual_seed(0)
+    model = small_fuse()
+    surrogate_before = copy.deepcopy(model.surrogate.state_dict())
+    generator_before = copy.deepcopy(model.generator.state_dict())
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0)
+    trainer.fit(model, datamodule=tiny_dm(tiny_cifar10))
+    assert trainer.global_step == 2  # manual optimization: both optimizer steps count
+    assert any(not torch.equal(t, surrogate_before[n]) for n, t in model.surrogate.state_dict().items())
+    assert any(not torch.equal(t, generator_before[n]) for n, t in model.generator.state_dict().items())
+    for key in ("train/loss_em", "train/loss_rsm", "train/loss_low", "train/loss_high", "train/loss_consistency",
+                "train/loss_high_energy", "train/loss_generator", "train/surrogate_acc", "delta_band/0.00-0.25"):
+        assert key in trainer.callback_metrics, key
+
+
+@pytest.mark.parametrize(
+    ("rsm", "cbg", "expected", "absent"),
+    [
+        (True, True, {"loss_em", "loss_rsm", "loss_low", "loss_high", "loss_consistency"}, set()),
+        (False, True, {"loss_em", "loss_low", "loss_consistency"}, {"loss_rsm"}),
+        (True, False, {"loss_rsm", "loss_em"}, {"loss_low", "loss_consistency", "loss_high_energy"}),
+        (False, False, {"loss_em"}, {"loss_rsm", "loss_low", "loss_consistency"}),
+    ],
+)
+def test_ablation_switches_select_loss_terms(rsm, cbg, expected, absent):
+    torch.manual_seed(0)
+    model = small_fuse(rsm=RSMConfig(enabled=rsm), cbg=CBGConfig(enabled=cbg))
+    terms = model.generator_losses(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert expected <= set(terms)
+    assert not (absent & set(terms))
+    if not rsm and not cbg:  # plain error-minimizing generator: total == CE on x + delta
+        assert torch.allclose(terms["loss_generator"], terms["loss_em"])
+
+
+def test_classwise_mode_gives_one_delta_per_class(tiny_cifar10: Path):
+    torch.manual_seed(0)
+    model = small_fuse(mode="classwise")
+    dm = tiny_dm(tiny_cifar10)
+    perturb = model.perturb_fn(dm)
+    x, y = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
+    delta = perturb(x, y, torch.arange(20))
+    for c in range(10):
+        same = delta[y == c]
+        assert torch.equal(same[0], same[1])
+    assert not torch.equal(delta[0], delta[1])
+    assert delta.abs().max() <= 8 / 255 + 1e-7
+
+
+def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    model = small_fuse()
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.mul_(20)  # large perturbations: the uint8 clip must hold the budget
+    dm = tiny_dm(tiny_cifar10)
+    out = protect_dataset(dm, model.perturb_fn(dm), tmp_path / "protected", eps=8, manifest={"method": "fuse"}, progress=False)
+    manifest = verify_manifest(out)
+    assert manifest["num_images"] == 200 and manifest["eps_255"] == 8
+    assert manifest["fidelity"]["linf_uint8"] <= 8
+    assert 20 < manifest["fidelity"]["psnr"] < 60
+    protected = tiny_dm(tiny_cifar10, protected_dir=str(out))
+    protected.setup("fit")
+    clean = tiny_dm(tiny_cifar10)
+    clean.setup("fit")
+    diff = (protected.train_images.int() - clean.train_images.int()).abs()
+    assert diff.max() <= 8 and diff.float().mean() > 1  # in budget, and really perturbed
+    assert torch.equal(protected.train_labels, clean.train_labels)
+    # Tampering is detected.
+    batch = next(out.rglob("data_batch_1"))
+    batch.write_bytes(batch.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="data_batch_1"):
+        verify_manifest(out)
+    # Refuses to overwrite without the flag.
+    with pytest.raises(FileExistsError, match="overwrite"):
+        protect_dataset(dm, model.perturb_fn(dm), out, eps=8, progress=False)
+
+
+def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
+    ckpt_dir = tmp_path / "run"
+    main(["fit", "--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+          "--data.train_subset", "null", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+          "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                               "init_args": {"dirpath": str(ckpt_dir), "save_last": True}}])])
+    ckpt = ckpt_dir / "last.ckpt"
+    assert ckpt.is_file()
+    folder = tmp_path / "photos"
+    (folder / "holiday").mkdir(parents=True)
+    sizes = {"a.png": (37, 50), "holiday/b.jpg": (64, 64), "c.png": (21, 33)}
+    g = torch.Generator().manual_seed(0)
+    for name, (h, w) in sizes.items():
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / name)
+    out = tmp_path / "protected_photos"
+    args = ["protect", "--ckpt", str(ckpt), "--config", str(cfg), "--data.data_dir", str(tiny_cifar10),
+            "--images", str(folder), "--out", str(out)]
+    assert main(args) == 0
+    manifest = verify_manifest(out)
+    assert len(manifest["images"]) == 3
+    for name, (h, w) in sizes.items():
+        target = out / Path(name).with_suffix(".png")
+        protected = torch.from_numpy(__import__("numpy").array(Image.open(target)))
+        with Image.open(folder / name) as img:
+            clean = torch.from_numpy(__import__("numpy").array(img.convert("RGB")))
+        assert protected.shape == (h, w, 3)
+        if name.endswith(".png"):  # lossless source: exact budget check
+            assert (protected.int() - clean.int()).abs().max() <= 8
+    with pytest.raises(SystemExit) as err:
+        main(args)  # exists: refuse without --overwrite
+    assert err.value.code != 0
+    with pytest.raises(SystemExit) as err:
+        main(["protect", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")])
+    assert err.value.code != 0
