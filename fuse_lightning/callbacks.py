@@ -117,7 +117,10 @@ class PerturbationMonitor(L.Callback):
         n = self.num_images
         eps = pl_module.eps_unit
         amplified = (delta[:n] / (2 * eps) + 0.5).clamp(0, 1)  # [-eps, eps] -> [0, 1]
-        grid = make_grid(torch.cat([images[:n], amplified, (images[:n] + delta[:n]).clamp(0, 1)]), nrow=n, padding=1)
+        rows = torch.cat([images[:n], amplified, (images[:n] + delta[:n]).clamp(0, 1)])
+        if rows.shape[-1] < 128:  # small images (CIFAR): enlarge so the grid is readable
+            rows = torch.nn.functional.interpolate(rows, scale_factor=128 // rows.shape[-1], mode="nearest")
+        grid = make_grid(rows, nrow=n, padding=2, pad_value=1.0)
         spectrum = _figure_to_tensor(spectrum_figure(delta, images, f"epoch {trainer.current_epoch}"))
         self._log(trainer, {"media/grid_clean_delta_protected": grid, "media/delta_spectrum": spectrum})
 

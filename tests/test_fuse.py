@@ -171,3 +171,19 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     with pytest.raises(SystemExit) as err:
         main(["protect", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "x")])
     assert err.value.code != 0
+
+
+def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
+    callbacks = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}])
+    common = ["--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+              "--data.train_subset", "null", "--data.batch_size", "100", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", callbacks]
+    main(["fit", *common, "--trainer.max_epochs", "1"])  # "killed" after one epoch
+    first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert first["epoch"] == 0 and first["global_step"] == 4  # 2 batches x 2 optimizers
+    main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 8  # continued, not restarted

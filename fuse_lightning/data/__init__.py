@@ -1,0 +1,32 @@
+"""Datasets as LightningDataModules: CIFAR-10/100 resident in memory, ImageNet subsets from files."""
+
+from fuse_lightning.data.base import (
+    ImageClassificationDataModule,
+    TensorBatchDataset,
+    random_crop_flip,
+    stratified_subset_indices,
+)
+from fuse_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from fuse_lightning.data.cifar_format import (
+    DatasetFormatError,
+    expected_counts,
+    label_names,
+    read_cifar,
+    write_cifar,
+)
+from fuse_lightning.data.imagenet import ImageNetSubsetDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DatasetFormatError",
+    "ImageClassificationDataModule",
+    "ImageNetSubsetDataModule",
+    "TensorBatchDataset",
+    "expected_counts",
+    "label_names",
+    "random_crop_flip",
+    "read_cifar",
+    "stratified_subset_indices",
+    "write_cifar",
+]
