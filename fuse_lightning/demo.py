@@ -2,7 +2,7 @@
 
 Trains the FUSE generator and the EM baseline on a small CIFAR-10 subset, writes both protected
 sets, trains fastnet victims on the clean / EM / FUSE sets with and without an ideal low-pass
-filter, and prints the accuracy table (`configs/sweeps/demo.yaml`; about 15 minutes on 2 CPU
+filter, and prints the accuracy table (`configs/sweeps/demo.yaml`; about 10 minutes on 2 CPU
 cores). Rerunning skips what is done, so an interrupted demo resumes.
 
     python -m fuse_lightning.demo --data-dir ../shared/data [--work-dir outputs/demo]

@@ -45,6 +45,8 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 # Radial bands in which the energy share of delta is logged (normalized radius; sqrt(2) = corner).
 LOG_BAND_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, math.sqrt(2) + 1e-6)
+# ITU-R 601 luma weights (what grayscale conversion and JPEG's Y channel keep).
+LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 @dataclass
@@ -58,6 +60,13 @@ class RSMConfig:
         start_range: Range of the annulus' inner radius (0 includes the DC component).
         full_weight: Weight of the error-minimizing loss on the unmasked delta (forced to 1 when
             RSM is disabled).
+        luminance_prob: Probability that a sample's masked delta is also reduced to its
+            luminance (ITU-R 601 luma copied to the three channels): masking along the colour
+            axis as well as the frequency axis, so the protection cannot live in chroma alone
+            (grayscale conversion and JPEG's chroma subsampling remove chroma). 0 disables.
+        mask_surrogate_inputs: Also train the surrogate on masked perturbations (half of each
+            batch), so it learns the shortcut's features in every band and in luminance; the
+            generator can then only keep its loss low with band-wise effective perturbations.
     """
 
     enabled: bool = True
@@ -65,6 +74,8 @@ class RSMConfig:
     width_range: tuple[float, float] = (0.1, 0.5)
     start_range: tuple[float, float] = (0.0, 1.0)
     full_weight: float = 0.5
+    luminance_prob: float = 0.5
+    mask_surrogate_inputs: bool = False
 
 
 @dataclass
@@ -207,6 +218,20 @@ class FUSEModule(L.LightningModule):
         class_delta = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
         return lambda x, y, idx: class_delta[y]
 
+    def random_spectral_mask(self, delta: torch.Tensor) -> torch.Tensor:
+        """RSM: remove one random contiguous radial band per sample (and, with probability
+        `rsm.luminance_prob`, keep only the luminance of what remains)."""
+        n = delta.shape[0]
+        start, width = spectral.sample_band(n, self.rsm.width_range, self.rsm.start_range, device=delta.device)
+        masked = spectral.remove_band(delta, start, width)
+        keep = torch.rand(n, device=delta.device) >= self.rsm.prob
+        masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
+        if self.rsm.luminance_prob > 0 and delta.shape[1] == 3:
+            luma = (masked * LUMA.to(masked).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(masked)
+            to_luma = torch.rand(n, device=delta.device) < self.rsm.luminance_prob
+            masked = torch.where(to_luma.view(-1, 1, 1, 1), luma, masked)
+        return masked
+
     # ----------------------------------------------------------------- losses
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """All generator loss terms for a batch (surrogate must be frozen by the caller)."""
@@ -218,13 +243,7 @@ class FUSEModule(L.LightningModule):
             inputs.append(x + delta)
             names.append("em")
         if self.rsm.enabled:
-            start, width = spectral.sample_band(
-                x.shape[0], self.rsm.width_range, self.rsm.start_range, device=x.device
-            )
-            masked = spectral.remove_band(delta, start, width)
-            keep = torch.rand(x.shape[0], device=x.device) >= self.rsm.prob
-            masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
-            inputs.append(x + masked)
+            inputs.append(x + self.random_spectral_mask(delta))
             names.append("rsm")
         if self.cbg.enabled:
             low, high = spectral.split_bands(delta, self.cbg.cutoff)
@@ -260,6 +279,11 @@ class FUSEModule(L.LightningModule):
         self.surrogate.train()
         with torch.no_grad():
             delta = self.perturbation(x, y)
+            if self.rsm.enabled and self.rsm.mask_surrogate_inputs:
+                # Half the batch sees masked perturbations, so the surrogate also learns the
+                # shortcut's features in every band (and in luminance), not only the full delta.
+                half = x.shape[0] // 2
+                delta = torch.cat([delta[:half], self.random_spectral_mask(delta[half:])])
         protected = (x + delta).clamp(0, 1)
         for _ in range(self.hparams.surrogate_steps):
             logits = self.surrogate(protected)

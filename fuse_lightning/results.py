@@ -275,8 +275,8 @@ def plot_acc_vs_cutoff(
     points: dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]] = {}
     parsed_all = [c for r in rows if (c := cutoff_of(r["filter"]))]
     kinds = {kind for kind, _ in parsed_all if kind != "none"}
-    # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted: an ideal radial cutoff of
-    # 1.0 still drops the corner frequencies (radius up to sqrt 2), so "none" moves to sqrt 2.
+    # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted (a Gaussian or Butterworth
+    # cutoff of 1 still attenuates), in which case "none" moves to sqrt 2 to keep points apart.
     top = max((c for kind, c in parsed_all if kind != "none"), default=0.0)
     x_none = 1.0 if top < 1.0 else float(np.sqrt(2.0))
     for (arch, method, filt), (mean, std, _) in stats.items():
@@ -304,7 +304,7 @@ def plot_acc_vs_cutoff(
         if chance is not None:
             ax.axhline(chance, linestyle="--", color="gray", linewidth=1, label="chance")
         ticks = sorted({p[0] for pts in points[arch].values() for p in pts})
-        # Only "none" rows sit at x_none (a real cutoff of 1.0 moves it to sqrt 2).
+        # Only "none" rows sit at x_none.
         ax.set_xticks(ticks, [("none" if t == x_none else f"{t:g}") for t in ticks], fontsize=7)
         ax.set_title(arch)
         ax.set_xlabel("low-pass cutoff (× Nyquist)")

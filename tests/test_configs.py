@@ -83,3 +83,21 @@ def test_gpu_bf16_channels_last_fast_dev_run(tiny_cifar10, tmp_path, monkeypatch
                  str(REPO / "configs" / "trainer" / "gpu.yaml"), "--trainer.devices", "1",
                  *data_args(REPO / "configs" / "fuse_cifar10.yaml", {"cifar10": tiny_cifar10}),
                  "--trainer.fast_dev_run", "2"]) == 0
+
+
+def test_wandb_offline_logging(tiny_cifar10, tmp_path, monkeypatch):
+    """With the W&B overlay and no network, runs log offline (scalars and the image panels)."""
+    pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
+    assert main(["fit", "--config", str(cfg), "--config", str(REPO / "configs" / "trainer" / "wandb.yaml"),
+                 *data_args(cfg, {"cifar10": tiny_cifar10}), "--trainer.max_epochs", "1",
+                 "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs, "an offline W&B run directory is written"
+    media = list(tmp_path.rglob("media/images/*.png"))
+    assert any("grid_clean_delta_protected" in p.name for p in media), media

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,7 +24,6 @@ from fuse_lightning.data.base import (
     stratified_subset_indices,
 )
 from fuse_lightning.data.cifar_format import DatasetFormatError
-
 from fuse_lightning.filters import ImageFilter
 
 __all__ = [
