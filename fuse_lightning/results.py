@@ -361,7 +361,7 @@ def plot_band_map(
         ax.set_yticks(range(len(methods)), methods)
         ax.set_xlabel("radial band kept (fraction of Nyquist)")
         ax.set_title(arch)
-    fig.colorbar(image, ax=axes, label="clean test accuracy (%)")
+    fig.colorbar(image, ax=axes, label="test accuracy (%), test set in the same band")
     path = _save_figure(fig, path)
     plt.close(fig)
     return path

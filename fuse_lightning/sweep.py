@@ -64,6 +64,7 @@ SWEEP_KEYS = {
     "methods",
     "grid",
     "keep_checkpoints",
+    "filter_test_set",
     "wandb",
 }
 METHOD_KEYS = {"prepare", "protected_dir", "from_sweep", "description"}
@@ -117,6 +118,8 @@ class Sweep:
     methods: dict[str, Method]
     grid: dict[str, list[Any]]
     keep_checkpoints: bool = False
+    # Also apply each run's filter to the test set (band maps: train and test on the same band).
+    filter_test_set: bool = False
     description: str = ""
     wandb: dict[str, Any] = field(default_factory=dict)
 
@@ -312,6 +315,7 @@ def _load(
         methods=methods,
         grid={},
         keep_checkpoints=bool(raw.get("keep_checkpoints", False)),
+        filter_test_set=bool(raw.get("filter_test_set", False)),
         description=str(raw.get("description", "") or ""),
         wandb=dict(wandb_cfg),
     )
@@ -419,6 +423,8 @@ def victim_command(sweep: Sweep, run: Run, data_dir: str | os.PathLike) -> list[
         cmd += ["--data.init_args.protected_dir", str(method.protected_dir)]
     if run.filter != "none":
         cmd += ["--data.init_args.train_filter", run.filter]
+        if sweep.filter_test_set:
+            cmd += ["--data.init_args.test_filter", run.filter]
     cmd += [
         "--model.init_args.arch", run.arch,
         "--seed_everything", str(run.seed),

@@ -379,3 +379,15 @@ grid: {{method: [tiny], arch: [fastnet], filter: [none, lowpass-ideal-0.5], seed
     stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("runs/*/result.json"))]
     assert S.sweep_main([str(path), "--data-dir", str(tmp_path / "data")]) == 0
     assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("runs/*/result.json"))]
+
+
+def test_filter_test_set_applies_the_filter_to_both_splits(basic: S.Sweep, tmp_path: Path):
+    from dataclasses import replace
+
+    runs = [r for r in S.expand_grid(basic) if r.filter != "none"]
+    assert runs
+    plain = S.victim_command(basic, runs[0], tmp_path)
+    assert "--data.init_args.test_filter" not in plain
+    both = S.victim_command(replace(basic, filter_test_set=True), runs[0], tmp_path)
+    i = both.index("--data.init_args.test_filter")
+    assert both[i + 1] == runs[0].filter == both[both.index("--data.init_args.train_filter") + 1]
