@@ -177,27 +177,36 @@ def protect_dataset(
         # The training set the run was configured with (its `train_subset`, if any), clean.
         loader = datamodule.protect_dataloader(batch_size=batch_size, use_subset=True)
         meter = FidelityMeter(device)
+        # Formats with one file per image (PNG trees) are written batch by batch; pickled
+        # batches (CIFAR) need the whole set, which is small.
+        streaming = bool(getattr(datamodule, "streaming_export", False))
         protected_batches, label_batches, index_batches = [], [], []
+        num_images = 0
         for images, labels, indices in tqdm(loader, desc=f"protect -> {final.name}", disable=not progress):
             images, labels = images.to(device), labels.to(device)
             delta = perturb_fn(images.float() / 255, labels, indices.to(device))
             protected = quantize_protected(images, delta, eps)
             meter.update(images, protected)
+            num_images += len(labels)
+            if streaming:
+                datamodule.write_train_set(tmp, protected.cpu(), labels.cpu(), indices=indices.cpu())
+                continue
             protected_batches.append(protected.cpu())
             label_batches.append(labels.cpu())
             index_batches.append(indices.cpu())
-        indices_all = torch.cat(index_batches)
-        order = indices_all.argsort()
-        protected_all = torch.cat(protected_batches)[order]
-        labels_all = torch.cat(label_batches)[order]
-        datamodule.write_train_set(tmp, protected_all, labels_all, indices=indices_all[order])
+        if not streaming:
+            indices_all = torch.cat(index_batches)
+            order = indices_all.argsort()
+            datamodule.write_train_set(
+                tmp, torch.cat(protected_batches)[order], torch.cat(label_batches)[order], indices=indices_all[order]
+            )
         fidelity = meter.compute()
         info = {
             "format": type(datamodule).__name__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": code_version(),
             "eps_255": eps,
-            "num_images": int(protected_all.shape[0]),
+            "num_images": num_images,
             "fidelity": fidelity,
             **(manifest or {}),
         }

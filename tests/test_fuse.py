@@ -187,3 +187,32 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: P
     main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 8  # continued, not restarted
+
+
+def test_imagenet_subset_export_streams_png_tree_in_budget(tiny_imagenet: Path, tmp_path: Path):
+    from fuse_lightning.data import ImageNetSubsetDataModule
+
+    def dm(**kw):
+        return ImageNetSubsetDataModule(data_dir=str(tiny_imagenet), num_classes=3, image_size=32, num_workers=0,
+                                        augment=False, batch_size=4, eval_batch_size=4, **kw)
+
+    torch.manual_seed(0)
+    model = small_fuse(num_classes=3)
+    out = protect_dataset(dm(), model.perturb_fn(), tmp_path / "protected", eps=8, progress=False)
+    manifest = verify_manifest(out)
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == manifest["num_images"] == 18  # 3 classes x 6 images, written batch by batch
+    assert manifest["fidelity"]["linf_uint8"] <= 8
+    import numpy as np
+
+    clean = dm()
+    clean.setup("fit")
+    x_c = torch.cat([b[0] for b in clean.protect_dataloader()])  # source order: class, then name
+    x_p = torch.stack([torch.from_numpy(np.array(Image.open(p))).permute(2, 0, 1) for p in pngs])
+    assert x_p.shape == x_c.shape == (18, 3, 32, 32)
+    diff = (x_p.int() - x_c.int()).abs()
+    assert diff.max() <= 8 and diff.float().mean() > 0.01  # in budget, and really perturbed
+    protected = dm(protected_dir=str(out))
+    protected.setup("fit")
+    images, labels = next(iter(protected.train_dataloader()))[:2]
+    assert images.shape[1:] == (3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}

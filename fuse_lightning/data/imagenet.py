@@ -348,6 +348,10 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         return self._file_loader(dataset, batch_size or self.eval_batch_size, False)
 
     # ----------------------------------------------------------------- export
+    # One PNG per image: the exporter may write batch by batch instead of holding the whole
+    # protected set in memory (an ImageNet subset at 224x224 does not fit).
+    streaming_export = True
+
     def write_train_set(
         self,
         out_dir: str | Path,
