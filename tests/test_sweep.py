@@ -391,3 +391,34 @@ def test_filter_test_set_applies_the_filter_to_both_splits(basic: S.Sweep, tmp_p
     both = S.victim_command(replace(basic, filter_test_set=True), runs[0], tmp_path)
     i = both.index("--data.init_args.test_filter")
     assert both[i + 1] == runs[0].filter == both[both.index("--data.init_args.train_filter") + 1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsys):
+    """Each victim config combination and each prepare command parses (nothing is run)."""
+    from fuse_lightning.baselines.cli import build_parser as baseline_parser
+    from fuse_lightning.cli import build_cli
+
+    monkeypatch.chdir(REPO)
+    sweep = S.load_sweep(path.relative_to(REPO))
+    seen: set[tuple[str, str]] = set()
+    commands = []
+    for run in S.expand_grid(sweep):
+        if (run.method, run.arch) not in seen:  # one victim command per method x architecture
+            seen.add((run.method, run.arch))
+            commands.append(S.victim_command(sweep, run, "data"))
+    for name in sweep.grid["method"]:
+        method = sweep.methods[name]
+        values = {"data_dir": "data", "protected_dir": "p", "method_dir": "m", "work_dir": "w"}
+        commands += [S.expand_command(list(words), values) for words in method.prepare]
+    for cmd in commands:
+        args = cmd[cmd.index("fuse_lightning") + 1:] if "fuse_lightning" in cmd else cmd[1:]
+        if args[0] == "fit":
+            with pytest.raises(SystemExit) as exit_info:
+                build_cli([*args, "--print_config"])
+            assert exit_info.value.code in (0, None), cmd
+        elif args[0] == "baseline":
+            baseline_parser().parse_args(args[1:])
+        else:
+            raise AssertionError(f"unexpected command {cmd}")
+    capsys.readouterr()
