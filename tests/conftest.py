@@ -22,26 +22,24 @@ def structured_images(labels: torch.Tensor, size: int = 32, seed: int = 0) -> to
     return (base + noise).clamp(0, 255).to(torch.uint8)
 
 
+def write_tiny_cifar(root: Path, variant: str, num_classes: int, seed: int) -> Path:
+    """200 train / 100 test images in the variant's pickle layout (use check_counts false)."""
+    for split, n, offset in (("train", 200, 0), ("test", 100, 1)):
+        labels = torch.arange(n) % num_classes
+        write_cifar(root, structured_images(labels, seed=seed + offset), labels, variant, split)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_cifar10(tmp_path_factory) -> Path:
-    """A CIFAR-10-format directory with 200 train / 100 test images (use check_counts false)."""
-    root = tmp_path_factory.mktemp("tiny-c10-")
-    train_labels = torch.arange(200) % 10
-    test_labels = torch.arange(100) % 10
-    write_cifar(root, structured_images(train_labels, seed=1), train_labels, "cifar10", "train")
-    write_cifar(root, structured_images(test_labels, seed=2), test_labels, "cifar10", "test")
-    return root
+    """A CIFAR-10-format directory with 200 train / 100 test images."""
+    return write_tiny_cifar(tmp_path_factory.mktemp("tiny-c10-"), "cifar10", 10, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_cifar100(tmp_path_factory) -> Path:
     """A CIFAR-100-format directory with 200 train / 100 test images."""
-    root = tmp_path_factory.mktemp("tiny-c100-")
-    train_labels = torch.arange(200) % 100
-    test_labels = torch.arange(100) % 100
-    write_cifar(root, structured_images(train_labels, seed=3), train_labels, "cifar100", "train")
-    write_cifar(root, structured_images(test_labels, seed=4), test_labels, "cifar100", "test")
-    return root
+    return write_tiny_cifar(tmp_path_factory.mktemp("tiny-c100-"), "cifar100", 100, seed=3)
 
 
 @pytest.fixture(scope="session")
