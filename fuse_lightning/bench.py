@@ -1,38 +1,49 @@
-"""Throughput benchmarks: `make bench` (or `python -m fuse_lightning.bench --device cuda`).
+"""Benchmarks as ratios: `make bench` (or `python -m fuse_lightning.bench --device cuda`).
 
-Measures, on synthetic CIFAR-sized batches (no data needed):
-- spectral masking (RSM band removal) per batch,
-- generator forward+backward (encdec, unet),
-- victim training steps (fastnet, resnet18),
-- one full FUSE step (k surrogate updates + generator update, CPU and GPU configs),
-- protection (generator inference + uint8 quantization),
-and prints images/s (median of the timed repeats) plus peak memory. Numbers go to the docs and
-issue notes; tests never assert on time.
+Every figure is measured side by side in one run, on the same device, model, batch and data:
+
+- victim training: the project's Lightning path (VictimModule + resident-uint8 DataModule,
+  on-device crop/flip, Trainer) against a plain PyTorch loop doing the same work;
+- FUSE training: `FUSEModule` under the Trainer against the same step written as a plain loop;
+- protection: generator inference + uint8 quantisation, against the FLOP bound of this device
+  (the generator's counted FLOPs at the measured dense-matmul rate, the best a conv net can do);
+- end to end (`--data-dir`, not with `--quick`): wall time to a protected CIFAR-10 training set
+  with the shipped CPU configs, FUSE (train + export) against EM sample-wise and class-wise;
+- peak memory of each: every item runs in its own process, so its peak RSS (and peak CUDA
+  memory) is its own.
+
+Synthetic CIFAR-sized data is used except for the end-to-end times. Figures go to the docs and to
+issue notes; tests never assert on time (`--json` writes them for tools such as the GPU check).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import resource
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fuse_lightning import spectral
-from fuse_lightning.budget import quantize_protected
-from fuse_lightning.fuse_module import FUSEModule
-from fuse_lightning.nets import build_generator
-from fuse_lightning.victim import classifier_with_normalization
-
+REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+# ------------------------------------------------------------------------------ timing helpers
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], None], device: torch.device, warmup: int = 2, repeats: int = 5) -> float:
@@ -49,62 +60,200 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int = 2, repeats
     return statistics.median(times)
 
 
-def bench_victim(arch: str, batch: int, device: torch.device, channels_last: bool, **kw) -> float:
+def loop_rate(step: Callable[[], None], batch: int, steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Images/s of `steps - warmup` calls of a training step after `warmup` calls (total time,
+    as the Lightning items are measured)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps - warmup):
+        step()
+    _sync(device)
+    return batch * (steps - warmup) / (time.perf_counter() - start)
+
+
+def synthetic_cifar(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n random uint8 CIFAR-shaped images and labels (resident, like the real DataModule's)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+            torch.randint(0, 10, (n,), generator=gen))
+
+
+class _StepClock:
+    """Lightning callback: wall time and images of the training batches after `warmup` batches."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        import lightning as L
+
+        clock = self
+
+        class Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == warmup:
+                    _sync(device)
+                    clock.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if batch_idx >= warmup:
+                    clock.images += int(batch[0].shape[0])
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                _sync(device)
+                clock.end = time.perf_counter()
+
+        self.callback = Callback()
+        self.start = self.end = 0.0
+        self.images = 0
+
+    @property
+    def rate(self) -> float:
+        """Images per second over the timed batches."""
+        if self.images == 0 or self.end <= self.start:
+            raise RuntimeError("no timed batches: raise --steps above the 3 warm-up steps")
+        return self.images / (self.end - self.start)
+
+
+def _trainer(device: torch.device, callbacks: list, precision: str | None = None):
+    """One epoch over the data (FUSE counts two optimizer steps per batch, so no max_steps)."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_epochs=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks, precision=precision,
+    )
+
+
+def _datamodule(images: torch.Tensor, labels: torch.Tensor, batch: int, augment: bool):
+    from fuse_lightning.data import ImageClassificationDataModule
+
+    class Synthetic(ImageClassificationDataModule):
+        _num_classes = 10
+
+        def _load_split(self, split: str):
+            return images, labels
+
+    return Synthetic(batch_size=batch, augment=augment)
+
+
+# ------------------------------------------------------------------------------ victim
+
+
+def victim_plain(arch: str, batch: int, steps: int, device: torch.device, precision: str | None, **kw) -> float:
+    """Images/s of a plain loop: resident uint8 -> device -> float -> crop/flip -> SGD step."""
+    from fuse_lightning.data.base import random_crop_flip
+    from fuse_lightning.nets.normalized import classifier_with_normalization
+
+    images, labels = synthetic_cifar(batch * steps)
     net = classifier_with_normalization(arch, 10, 32, MEAN, STD, kw or None).to(device)
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    perm = torch.randperm(len(labels))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    state = {"i": 0}
 
     def step() -> None:
-        loss = F.cross_entropy(net(x), y)
+        idx = perm[(state["i"] % steps) * batch:(state["i"] % steps + 1) * batch]
+        state["i"] += 1
+        x = images[idx].to(device, non_blocking=True).float().div_(255)
+        x = random_crop_flip(x, 4).contiguous(memory_format=torch.channels_last)
+        y = labels[idx].to(device, non_blocking=True)
+        with autocast:
+            loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return batch / timed(step, device)
+    return loop_rate(step, batch, steps, device)
 
 
-def bench_generator(arch: str, batch: int, device: torch.device, width: int) -> float:
-    gen = build_generator(arch, base_width=width).to(device)
-    x = torch.rand(batch, 3, 32, 32, device=device)
+def victim_lightning(arch: str, batch: int, steps: int, device: torch.device, precision: str | None, **kw) -> float:
+    """Images/s of the project's path: VictimModule + resident DataModule under the Trainer."""
+    from fuse_lightning.victim import VictimModule
+
+    images, labels = synthetic_cifar(batch * steps)
+    model = VictimModule(arch=arch, arch_kwargs=kw or None, lr=0.05, scheduler="none")
+    clock = _StepClock(3, device)
+    _trainer(device, [clock.callback], precision).fit(model, datamodule=_datamodule(images, labels, batch, True))
+    return clock.rate
+
+
+# ------------------------------------------------------------------------------ FUSE
+
+
+def _fuse_model(device_type: str, **overrides):
+    from fuse_lightning.fuse_module import FUSEModule
+
+    if device_type == "cuda":  # the GPU config: ResNet-18 surrogate, U-Net generator
+        return FUSEModule(surrogate_arch="resnet18", generator_arch="unet", generator_width=32, **overrides)
+    return FUSEModule(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.5}, generator_arch="encdec",
+                      generator_width=16, **overrides)
+
+
+def fuse_plain(batch: int, steps: int, device: torch.device, precision: str | None) -> float:
+    """Images/s of the FUSE step (k surrogate updates, one generator update) as a plain loop."""
+    model = _fuse_model(device.type).to(device)
+    images, labels = synthetic_cifar(batch * steps)
+    opt_f = torch.optim.SGD(model.surrogate.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=1e-3)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    state = {"i": 0}
 
     def step() -> None:
-        gen(x).square().mean().backward()
-
-    return batch / timed(step, device)
-
-
-def bench_fuse_step(batch: int, device: torch.device, surrogate: str, generator: str, gen_width: int, **kw) -> float:
-    model = FUSEModule(surrogate_arch=surrogate, generator_arch=generator, generator_width=gen_width, surrogate_kwargs=kw or None).to(device)
-    x = torch.rand(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    opt_f = torch.optim.SGD(model.surrogate.parameters(), lr=0.05, momentum=0.9)
-    opt_g = torch.optim.Adam(model.generator.parameters(), lr=1e-3)
-
-    def step() -> None:  # the body of FUSEModule.training_step without Lightning's bookkeeping
-        model.surrogate.train()
-        with torch.no_grad():
-            delta = model.perturbation(x, y)
-        loss = F.cross_entropy(model.surrogate((x + delta).clamp(0, 1)), y)
+        i = state["i"] % steps
+        state["i"] += 1
+        x = images[i * batch:(i + 1) * batch].to(device).float().div_(255)
+        y = labels[i * batch:(i + 1) * batch].to(device)
+        with autocast:
+            model.surrogate.train()
+            with torch.no_grad():
+                delta = model.perturbation(x, y)
+            loss = F.cross_entropy(model.surrogate((x + delta).clamp(0, 1)), y)
         opt_f.zero_grad(set_to_none=True)
         loss.backward()
         opt_f.step()
         model.surrogate.eval()
         model.surrogate.requires_grad_(False)
-        terms = model.generator_losses(x, y)
+        with autocast:
+            terms = model.generator_losses(x, y)
         opt_g.zero_grad(set_to_none=True)
         terms["loss_generator"].backward()
+        torch.nn.utils.clip_grad_norm_(model.generator.parameters(), 1.0)
         opt_g.step()
         model.surrogate.requires_grad_(True)
 
-    return batch / timed(step, device, warmup=1, repeats=3)
+    return loop_rate(step, batch, steps, device)
 
 
-def bench_protect(batch: int, device: torch.device, generator: str, width: int) -> float:
-    model = FUSEModule(surrogate_arch="fastnet", generator_arch=generator, generator_width=width).to(device).eval()
+def fuse_lightning(batch: int, steps: int, device: torch.device, precision: str | None) -> float:
+    """Images/s of `FUSEModule.training_step` under the Trainer, same model, batch and data."""
+    images, labels = synthetic_cifar(batch * steps)
+    model = _fuse_model(device.type, log_spectrum_every_n_steps=10**9)
+    clock = _StepClock(3, device)
+    _trainer(device, [clock.callback], precision).fit(model, datamodule=_datamodule(images, labels, batch, False))
+    return clock.rate
+
+
+# ------------------------------------------------------------------------------ protection
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense-matmul FLOP/s: the roofline a conv net's FLOPs can at best run at."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
+    return 2 * n**3 / seconds
+
+
+def protect_vs_bound(batch: int, device: torch.device) -> dict[str, float]:
+    """Protection images/s, the generator's FLOPs per image and the FLOP-bound fraction."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fuse_lightning.budget import quantize_protected
+
+    model = _fuse_model(device.type).to(device).eval()
     clean = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -112,50 +261,154 @@ def bench_protect(batch: int, device: torch.device, generator: str, width: int) 
     def step() -> None:
         quantize_protected(clean, model.perturbation(clean.float() / 255, y), 8)
 
-    return batch / timed(step, device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.perturbation(clean.float() / 255, y)
+    flops_per_image = counter.get_total_flops() / batch
+    rate = batch / timed(step, device, warmup=2, repeats=5)
+    # fp32 (TF32 where the backend allows it): protection runs without autocast.
+    peak = matmul_peak(device, torch.float32)
+    return {"protect_img_per_s": rate, "generator_gflop_per_image": flops_per_image / 1e9,
+            "matmul_peak_tflops": peak / 1e12, "flop_bound_img_per_s": peak / flops_per_image,
+            "fraction_of_flop_bound": rate * flops_per_image / peak}
 
 
-def bench_masking(batch: int, device: torch.device) -> float:
-    delta = torch.rand(batch, 3, 32, 32, device=device)
+# ------------------------------------------------------------------------------ items
 
-    def step() -> None:
-        start, width = spectral.sample_band(batch, device=device)
-        spectral.remove_band(delta, start, width)
 
-    return timed(step, device, repeats=20) * 1000
+def run_item(name: str, device: torch.device, batch: int, steps: int, precision: str | None) -> dict[str, Any]:
+    """One measurement, in this process (the parent runs each item in its own process)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    arch, kw = ("resnet18", {}) if device.type == "cuda" else ("fastnet", {"width": 0.5})
+    items: dict[str, Callable[[], Any]] = {
+        "victim_plain": lambda: victim_plain(arch, batch, steps, device, precision, **kw),
+        "victim_lightning": lambda: victim_lightning(arch, batch, steps, device, precision, **kw),
+        "fuse_plain": lambda: fuse_plain(batch, steps, device, precision),
+        "fuse_lightning": lambda: fuse_lightning(batch, steps, device, precision),
+        "protect": lambda: protect_vs_bound(512, device),
+    }
+    value = items[name]()
+    out = value if isinstance(value, dict) else {"img_per_s": value}
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    out["model"] = f"{arch} {kw or ''}".strip() if name.startswith("victim") else "FUSE " + (
+        "resnet18 + unet w32" if device.type == "cuda" else "fastnet w0.5 + encdec w16")
+    return out
+
+
+def spawn_item(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one item in a fresh process and return its JSON line."""
+    cmd = [sys.executable, "-m", "fuse_lightning.bench", "--item", name, "--device", args.device,
+           "--batch", str(args.batch), "--steps", str(args.steps)]
+    if args.precision:
+        cmd += ["--precision", args.precision]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
+    """Wall time (and peak RSS) to a protected CIFAR-10 training set with the shipped CPU configs."""
+    # Run in `work` with configs/ linked there: the shipped configs' relative output paths
+    # (checkpoints, the FUSE export) land in `work`, not in the user's outputs/.
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "configs").exists():
+        (work / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+    data = ["--data.init_args.data_dir", str(Path(data_dir).resolve())]
+    commands = {
+        "FUSE (train + export), configs/fuse_cifar10_cpu.yaml": [
+            "fit", "--config", "configs/fuse_cifar10_cpu.yaml", *data, "--trainer.enable_progress_bar", "false"],
+        "EM sample-wise, configs/baselines/em_cifar10_cpu.yaml": [
+            "baseline", "--config", "configs/baselines/em_cifar10_cpu.yaml", *data, "--out", str(work / "em"),
+            "--overwrite"],
+        "EM class-wise (CPU surrogate), em_classwise_cifar10.yaml + em_cifar10_cpu.yaml": [
+            "baseline", "--config", "configs/baselines/em_cifar10_cpu.yaml", *data,
+            "--method.init_args.mode", "classwise", "--out", str(work / "em_classwise"), "--overwrite"],
+    }
+    rows = {}
+    for label, words in commands.items():
+        cmd = [sys.executable, "-m", "fuse_lightning", *words]
+        start = time.perf_counter()
+        done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd,
+                              cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"seconds": round(seconds, 1), "command": shlex.join(["fuse", *words])}
+        if done.returncode != 0:
+            row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
+        elif Path("/usr/bin/time").exists():
+            row["peak_rss_mib"] = round(int(done.stderr.strip().splitlines()[-1]) / 1024)
+        rows[label] = row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fuse-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--quick", action="store_true", help="only the CPU-sized models")
+    parser.add_argument("--batch", type=int, default=256, help="training batch size of every item")
+    parser.add_argument("--steps", type=int, default=20, help="training steps per item (3 are warm-up)")
+    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed (default: fp32)")
+    parser.add_argument("--quick", action="store_true", help="skip the end-to-end times")
+    parser.add_argument("--data-dir", default=None, help="CIFAR-10 root for the end-to-end times")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--item", default=None, help=argparse.SUPPRESS)  # child process: one item
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    b = args.batch
-    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} CPU threads'}), batch {b}, torch {torch.__version__}")
-    rows: list[tuple[str, str]] = [("RSM band removal (ms / batch)", f"{bench_masking(b, device):.2f}")]
-    rows.append(("generator encdec w16 fwd+bwd (img/s)", f"{bench_generator('encdec', b, device, 16):.0f}"))
-    rows.append(("victim fastnet w0.5 train (img/s)", f"{bench_victim('fastnet', b, device, True, width=0.5):.0f}"))
-    rows.append(("victim fastnet w1 train, channels_last (img/s)", f"{bench_victim('fastnet', b, device, True):.0f}"))
-    rows.append(("victim fastnet w1 train, contiguous (img/s)", f"{bench_victim('fastnet', b, device, False):.0f}"))
-    rows.append(("FUSE step, CPU config (img/s)", f"{bench_fuse_step(b, device, 'fastnet', 'encdec', 16, width=0.5):.0f}"))
-    rows.append(("protect, encdec w16 (img/s)", f"{bench_protect(512, device, 'encdec', 16):.0f}"))
-    if not args.quick:
-        rows.append(("generator unet w32 fwd+bwd (img/s)", f"{bench_generator('unet', b, device, 32):.0f}"))
-        rows.append(("victim resnet18 train (img/s)", f"{bench_victim('resnet18', b, device, True):.0f}"))
-        rows.append(("FUSE step, GPU config: resnet18 + unet (img/s)", f"{bench_fuse_step(b, device, 'resnet18', 'unet', 32):.0f}"))
-        rows.append(("protect, unet w32 (img/s)", f"{bench_protect(512, device, 'unet', 32):.0f}"))
-    if device.type == "cuda":
-        rows.append(("peak GPU memory (MiB)", f"{torch.cuda.max_memory_allocated(device) / 2**20:.0f}"))
-    rows.append(("peak host RSS (MiB)", f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"))
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name:<{width}}  {value:>10}")
-    return 0
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.item:
+        print(json.dumps(run_item(args.item, device, args.batch, args.steps, args.precision)))
+        return 0
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"device: {device} ({where}), batch {args.batch}, {args.steps} steps, precision "
+          f"{args.precision or 'fp32'}, torch {torch.__version__}", flush=True)
+    items = {name: spawn_item(name, args) for name in
+             ("victim_plain", "victim_lightning", "fuse_plain", "fuse_lightning", "protect")}
+    report: dict[str, Any] = {"device": str(device), "device_name": where, "batch": args.batch,
+                              "precision": args.precision or "fp32", "torch": torch.__version__, "items": items}
+    ratios = {}
+    if "img_per_s" in items["victim_plain"] and "img_per_s" in items["victim_lightning"]:
+        ratios["victim: Lightning overhead vs plain loop"] = (
+            items["victim_plain"]["img_per_s"] / items["victim_lightning"]["img_per_s"] - 1)
+    if "img_per_s" in items["fuse_plain"] and "img_per_s" in items["fuse_lightning"]:
+        ratios["FUSE: Lightning overhead vs plain loop"] = (
+            items["fuse_plain"]["img_per_s"] / items["fuse_lightning"]["img_per_s"] - 1)
+    if "fraction_of_flop_bound" in items["protect"]:
+        ratios["protection: fraction of the FLOP bound"] = items["protect"]["fraction_of_flop_bound"]
+    report["ratios"] = ratios
+    if args.data_dir and not args.quick:
+        report["end_to_end"] = end_to_end(args.data_dir, REPO / "outputs" / "bench")
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if all("error" not in v for v in items.values()) else 1
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Markdown tables of a bench report."""
+    lines = ["| item | model | images/s | peak RSS MiB | peak CUDA MiB |", "|---|---|---:|---:|---:|"]
+    for name, v in report["items"].items():
+        if "error" in v:
+            lines.append(f"| {name} | error: {v['error']} | | | |")
+            continue
+        rate = v.get("img_per_s", v.get("protect_img_per_s", 0))
+        lines.append(f"| {name} | {v['model']} | {rate:.0f} | {v['peak_rss_mib']:.0f} | "
+                     f"{v.get('peak_cuda_mib', float('nan')):.0f} |")
+    protect = report["items"].get("protect", {})
+    if "generator_gflop_per_image" in protect:
+        lines += ["", f"Protection: {protect['generator_gflop_per_image']:.3f} GFLOP/image, measured fp32 matmul peak "
+                  f"{protect['matmul_peak_tflops']:.2f} TFLOP/s -> FLOP bound {protect['flop_bound_img_per_s']:.0f} img/s"]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:+.1%} |" if "overhead" in k else f"| {k} | {v:.1%} |" for k, v in report["ratios"].items()]
+    if report.get("end_to_end"):
+        lines += ["", "| time to a protected CIFAR-10 set | seconds | peak RSS MiB |", "|---|---:|---:|"]
+        for k, v in report["end_to_end"].items():
+            lines.append(f"| {k} | {v['seconds']} | {v.get('peak_rss_mib', v.get('error', ''))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,8 @@ from fuse_lightning import spectral
 from fuse_lightning.budget import eps_to_unit
 from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
 from fuse_lightning.nets.conditioned import ConditionedGenerator
-from fuse_lightning.victim import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    classifier_with_normalization,
-    cosine_with_warmup,
-)
+from fuse_lightning.nets.normalized import CIFAR10_MEAN, CIFAR10_STD, classifier_with_normalization
+from fuse_lightning.victim import cosine_with_warmup
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -182,6 +183,7 @@ def protect_dataset(
         streaming = bool(getattr(datamodule, "streaming_export", False))
         protected_batches, label_batches, index_batches = [], [], []
         num_images = 0
+        start = time.perf_counter()
         for images, labels, indices in tqdm(loader, desc=f"protect -> {final.name}", disable=not progress):
             images, labels = images.to(device), labels.to(device)
             delta = perturb_fn(images.float() / 255, labels, indices.to(device))
@@ -201,12 +203,15 @@ def protect_dataset(
                 tmp, torch.cat(protected_batches)[order], torch.cat(label_batches)[order], indices=indices_all[order]
             )
         fidelity = meter.compute()
+        seconds = time.perf_counter() - start  # perturb + quantize + write, without start-up
         info = {
             "format": type(datamodule).__name__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "code_version": code_version(),
             "eps_255": eps,
             "num_images": num_images,
+            "protect_seconds": round(seconds, 3),
+            "protect_img_per_s": round(num_images / max(seconds, 1e-9), 1),
             "fidelity": fidelity,
             **(manifest or {}),
         }

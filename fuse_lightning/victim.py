@@ -16,42 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fuse_lightning.nets import build_classifier
+from fuse_lightning.nets.normalized import CIFAR10_MEAN, CIFAR10_STD, Normalize, classifier_with_normalization
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-class Normalize(nn.Module):
-    """Per-channel standardisation as a layer, so every module sees images in [0, 1].
-
-    Keeping normalisation inside the network (not in the data pipeline) lets perturbations,
-    filters and exports all work in pixel space.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-def classifier_with_normalization(
-    arch: str,
-    num_classes: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    arch_kwargs: dict | None = None,
-) -> nn.Sequential:
-    """A registry classifier preceded by a `Normalize` layer: input is an image in [0, 1]."""
-    net = build_classifier(arch, num_classes=num_classes, image_size=image_size, **(arch_kwargs or {}))
-    return nn.Sequential(Normalize(mean, std), net)
-
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
     """LR multiplier: linear warm-up then cosine decay to zero over `total_steps` optimizer steps."""

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
-from fuse_lightning.victim import classifier_with_normalization
+from fuse_lightning.nets.normalized import classifier_with_normalization
 
 __all__ = ["ErrorMinimizingNoise", "pgd_min_classwise", "pgd_min_samplewise"]
 
