@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import fuse_lightning.data  # noqa: F401
 import fuse_lightning.filters  # noqa: F401
 import fuse_lightning.victim  # noqa: F401
+from fuse_lightning.checkpoints import register_safe_globals
 
 # DataModule attributes every LightningModule of this project takes as constructor arguments.
 LINKED_DATA_ATTRIBUTES = ("num_classes", "image_size", "mean", "std")
@@ -30,6 +32,14 @@ class FuseCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Trainer-method kwargs, with checkpoints (`--ckpt_path`) always loaded weights-only."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs or "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            register_safe_globals()
+            kwargs["weights_only"] = True
+        return kwargs
 
 
 def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:

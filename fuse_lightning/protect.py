@@ -355,10 +355,15 @@ def protect_main(argv: list[str]) -> int:
 
     cli = build_cli(rest + ["--trainer.logger", "false"], run=False)
     model, datamodule = cli.model, cli.datamodule
+    from fuse_lightning.checkpoints import CheckpointError, load_checkpoint
+
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)
+    except CheckpointError as err:
+        parser.error(str(err))
+    try:
         model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError, OSError) as err:
+    except (KeyError, RuntimeError) as err:
         parser.error(f"cannot load {ckpt} into {type(model).__name__}: {err}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     model.to(device).eval()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fuse_lightning.checkpoints import register_safe_globals
 from fuse_lightning.cli import main
 from fuse_lightning.data import CIFAR10DataModule
 from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
@@ -182,10 +183,11 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: P
               "--data.train_subset", "null", "--data.batch_size", "100", "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", callbacks]
     main(["fit", *common, "--trainer.max_epochs", "1"])  # "killed" after one epoch
-    first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    register_safe_globals()
+    first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert first["epoch"] == 0 and first["global_step"] == 4  # 2 batches x 2 optimizers
     main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
-    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 8  # continued, not restarted
 
 
