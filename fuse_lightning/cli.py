@@ -63,6 +63,9 @@ def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
         commands["baseline"] = baseline_main
     except ImportError:  # pragma: no cover
         pass
+    from fuse_lightning.manifest import verify_main
+
+    commands["verify"] = verify_main
     return commands
 
 
@@ -81,7 +84,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
 
 
 def main(args: Sequence[str] | None = None) -> int | None:
-    """Run the command line: `fit|validate|test|predict|protect|sweep ...`."""
+    """Run the command line: `fit|validate|test|predict|protect|sweep|baseline|verify ...`."""
     argv = list(sys.argv[1:] if args is None else args)
     extra = _extra_subcommands()
     if argv and argv[0] in extra:

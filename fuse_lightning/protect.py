@@ -12,8 +12,6 @@ when complete, so an interrupted export never leaves a half-written dataset behi
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -28,17 +26,9 @@ from tqdm.auto import tqdm
 
 import fuse_lightning
 from fuse_lightning.budget import linf_uint8, quantize_protected
+from fuse_lightning.manifest import ManifestError, sha256_file, verify_manifest, write_manifest  # noqa: F401
 
 PerturbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version() -> str:
@@ -59,18 +49,64 @@ def code_version() -> str:
         return version
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def stale_temp_dirs(final: Path) -> list[Path]:
+    """Hidden siblings `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` left by exports that died.
+
+    Only directories whose writer process no longer exists are returned, so a concurrent export
+    to the same destination is left alone.
+    """
+    stale = []
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid_text = path.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
+            if path.is_dir() and (not pid_text.isdigit() or not _pid_alive(int(pid_text))):
+                stale.append(path)
+    return sorted(stale)
+
+
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
     """Check the destination and make a temporary sibling to write into.
 
+    Temporary directories left behind by a killed export to the same destination are removed
+    first. The temporary directory gets the umask's permissions (not mkdtemp's 0700), so the
+    export is as readable as any directory the user creates.
+
+    Args:
+        out_dir: The final destination.
+        overwrite: Allow replacing an existing destination.
+
     Returns:
-        (final path, temporary path). Raises FileExistsError when the destination exists and
-        `overwrite` is false.
+        (final path, temporary path).
+
+    Raises:
+        FileExistsError: The destination exists and `overwrite` is false.
     """
     final = Path(out_dir).resolve()
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    for stale in stale_temp_dirs(final):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    tmp.chmod(0o777 & ~current_umask())
     return final, tmp
 
 
@@ -78,41 +114,13 @@ def commit_output_dir(tmp: Path, final: Path) -> None:
     """Atomically move a completed temporary directory into place (replacing an old one)."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any], exclude: tuple[str, ...] = ()) -> Path:
-    """Add sha256 of every file under `directory` to `manifest` and write `manifest.json`."""
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel == "manifest.json" or rel in exclude:
-            continue
-        files[rel] = sha256_file(path)
-    manifest = {**manifest, "files": files}
-    target = directory / "manifest.json"
-    target.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
-    return target
-
-
-def verify_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Re-hash every file listed in `manifest.json`; raise ValueError naming any mismatch."""
-    directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {directory}")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, digest in manifest.get("files", {}).items():
-        path = directory / rel
-        if not path.is_file():
-            raise ValueError(f"{path} is listed in {manifest_path} but missing")
-        if sha256_file(path) != digest:
-            raise ValueError(f"{path} does not match the sha256 recorded in {manifest_path}")
-    return manifest
 
 
 class FidelityMeter:

@@ -199,6 +199,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; 0 is right for resident data.
         check_counts: Require the full official split sizes (CIFAR: 50000/10000); disable for
             a deliberately smaller copy in the same format (e.g. generated test data).
+        verify_manifest: Check `protected_dir` against its `manifest.json` before reading it
+            (missing, changed or unlisted files are an error); false skips the check.
     """
 
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -222,6 +224,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         download: bool = False,
         num_workers: int = 0,
         check_counts: bool = True,
+        verify_manifest: bool = True,
     ) -> None:
         super().__init__()
         if pad_mode not in ("zeros", "reflect"):
@@ -242,6 +245,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.download = download
         self.num_workers = num_workers
         self.check_counts = check_counts
+        self.verify_manifest = verify_manifest
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._source_train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -348,11 +352,19 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self._test = (_apply_filter(test[0], self.test_filter), test[1])
         if stage in (None, "fit") and self._train is None:
             if self.protected_dir is not None:
+                self._verify_protected()
                 loaded = self._read_protected(self.protected_dir)
             else:
                 loaded = self._source_train()
             train, self.train_indices = self._subset(loaded, self.train_subset)
             self._train = (_apply_filter(train[0], self.train_filter), train[1])
+
+    def _verify_protected(self) -> None:
+        """Check `protected_dir` against its manifest unless `verify_manifest` is false."""
+        if self.verify_manifest and self.protected_dir is not None:
+            from fuse_lightning.manifest import verify_manifest
+
+            verify_manifest(self.protected_dir)
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False):
