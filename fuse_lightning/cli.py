@@ -33,6 +33,14 @@ class FuseCLI(LightningCLI):
         for name in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a failed run leaves no log directory without results behind."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_empty_log_dir(getattr(self.trainer, "log_dir", None))
+            raise
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Trainer-method kwargs, with checkpoints (`--ckpt_path`) always loaded weights-only."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -40,6 +48,31 @@ class FuseCLI(LightningCLI):
             register_safe_globals()
             kwargs["weights_only"] = True
         return kwargs
+
+
+# Files a run writes before it has produced anything.
+SETUP_ONLY_FILES = frozenset({"config.yaml", "hparams.yaml"})
+
+
+def remove_empty_log_dir(log_dir: str | None) -> bool:
+    """Delete a run's log directory when it holds only setup files (the run failed at the start).
+
+    Args:
+        log_dir: The trainer's log directory (may be None or absent).
+
+    Returns:
+        Whether it was removed.
+    """
+    import shutil
+    from pathlib import Path
+
+    if not log_dir or not Path(log_dir).is_dir():
+        return False
+    files = [p for p in Path(log_dir).rglob("*") if p.is_file()]
+    if any(p.name not in SETUP_ONLY_FILES for p in files):
+        return False
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return True
 
 
 def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
@@ -83,16 +116,85 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
     )
 
 
+DEBUG_FLAG = "--debug"
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a user's mistake (bad path, corrupt file, bad value, unknown name)."""
+    from fuse_lightning.checkpoints import CheckpointError
+    from fuse_lightning.data.cifar_format import DatasetFormatError
+    from fuse_lightning.manifest import ManifestError
+
+    return (DatasetFormatError, ManifestError, CheckpointError, FileNotFoundError, FileExistsError,
+            PermissionError, NotADirectoryError, IsADirectoryError, ValueError)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes/contexts, outermost first (cycles cut)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return chain
+
+
+def user_error_message(exc: BaseException, max_lines: int = 3) -> str | None:
+    """The message to show for a user error, or None when `exc` looks like a bug.
+
+    The project's own error types win (they name the file and the fix); otherwise the deepest
+    user-error exception of the chain is used (the original ValueError, not the wrapper of the
+    config parser around it).
+
+    Args:
+        exc: The exception that ended the command.
+        max_lines: Keep at most this many lines of the message.
+    """
+    chain = _chain(exc)
+    project = _user_error_types()[:3]
+    picked = next((e for e in chain if isinstance(e, project)), None)
+    if picked is None:
+        if not isinstance(chain[-1], _user_error_types()):
+            return None  # e.g. a TypeError wrapped by the config parser: a bug, keep the traceback
+        picked = chain[-1]
+    lines = [line for line in str(picked).strip().splitlines() if line.strip()] or [type(picked).__name__]
+    return "\n".join(lines[:max_lines])
+
+
 def main(args: Sequence[str] | None = None) -> int | None:
-    """Run the command line: `fit|validate|test|predict|protect|sweep|baseline|verify ...`."""
+    """Run the command line: `fit|validate|test|predict|protect|sweep|baseline|verify ...`.
+
+    User errors (missing or corrupt data, values out of range, unknown names) print one short
+    `fuse: error:` message and exit with status 1; `--debug` (or FUSE_DEBUG=1) shows the full
+    traceback instead. Anything else is a bug and keeps its traceback.
+    """
+    import os
+
     argv = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in argv or os.environ.get("FUSE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if debug:
+        return _dispatch(argv, args is None)
+    try:
+        return _dispatch(argv, args is None)
+    except Exception as exc:  # noqa: BLE001 - classified below; bugs are re-raised
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"fuse: error: {message}\n(run with {DEBUG_FLAG} for the full traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool) -> int | None:
+    """Run a project subcommand or Lightning's CLI."""
     extra = _extra_subcommands()
     if argv and argv[0] in extra:
         return extra[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(f"Project subcommands besides Lightning's: {', '.join(sorted(extra)) or 'none'}")
     # Without explicit args LightningCLI reads sys.argv itself (and warns when handed a list).
-    build_cli(None if args is None else argv)
+    if from_sys_argv:
+        sys.argv = [sys.argv[0], *argv]  # without --debug
+    build_cli(None if from_sys_argv else argv)
     return 0
 
 

@@ -131,6 +131,10 @@ def _missing_message(path: Path, spec: CifarVariant) -> str:
     )
 
 
+class RefusedPickleError(pickle.UnpicklingError):
+    """A pickle asks for something outside the CIFAR allow-list (a global, an object array)."""
+
+
 # Numeric dtype kinds a CIFAR array may have: bool, signed/unsigned int, float, complex.
 NUMERIC_KINDS = frozenset("biufc")
 
@@ -139,14 +143,14 @@ def _numeric_dtype(*args: Any) -> np.dtype:
     """`numpy.dtype(...)` as called by pickled arrays, refusing object/str/structured dtypes."""
     dtype = np.dtype(*args)
     if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
-        raise pickle.UnpicklingError(f"numpy dtype {dtype!s} is not numeric")
+        raise RefusedPickleError(f"numpy dtype {dtype!s} is not numeric")
     return dtype
 
 
 def _plain_ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's `_reconstruct`, limited to plain `numpy.ndarray` (no subclasses)."""
     if subtype is not np.ndarray:
-        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
+        raise RefusedPickleError(f"array subtype {subtype!r} is not numpy.ndarray")
     return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype))
 
 
@@ -159,7 +163,7 @@ def _numeric_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndar
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     """`_codecs.encode`, as protocol-2 pickles of python-3 bytes use it; latin1 only."""
     if str(encoding).lower().replace("-", "") not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+        raise RefusedPickleError(f"_codecs.encode with encoding {encoding!r} is not allowed")
     return str(text).encode("latin1")
 
 
@@ -183,13 +187,13 @@ class _CifarUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise RefusedPickleError(
                 f"refusing to load global {module}.{name}: a CIFAR file holds only dicts, lists, "
                 f"strings and numeric numpy arrays"
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError("persistent ids are not allowed in a CIFAR file")
+        raise RefusedPickleError("persistent ids are not allowed in a CIFAR file")
 
 
 def restricted_load(fh: Any) -> Any:
@@ -202,7 +206,7 @@ def restricted_load(fh: Any) -> Any:
         The unpickled object (bytes keys stay bytes: encoding="bytes" reads python-2 originals).
 
     Raises:
-        pickle.UnpicklingError: The pickle names a global outside the allow-list, or a numpy
+        RefusedPickleError: The pickle names a global outside the allow-list, or a numpy
             array of a non-numeric dtype.
     """
     return _CifarUnpickler(fh, encoding="bytes").load()
@@ -215,7 +219,7 @@ def _load_pickle(path: Path, spec: CifarVariant) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             obj = restricted_load(fh)
-    except pickle.UnpicklingError as exc:
+    except RefusedPickleError as exc:
         raise DatasetFormatError(
             f"{path}: not a plain CIFAR pickle ({exc}); refusing to load it. Re-extract "
             f"{spec.archive} or re-export the protected set"
