@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
@@ -253,6 +254,24 @@ def run_manifest(pl_module, datamodule, mode: str, trainer=None, ckpt_path: str 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def image_fidelity(clean: torch.Tensor, protected: torch.Tensor, ssim_max_side: int) -> dict[str, float]:
+    """PSNR and uint8 L-inf of one image; SSIM only when both sides are <= `ssim_max_side`.
+
+    Args:
+        clean: uint8 (1, 3, H, W).
+        protected: uint8 (1, 3, H, W).
+        ssim_max_side: Largest side SSIM is computed for (its memory grows with the image).
+    """
+    if max(clean.shape[-2:]) <= ssim_max_side:
+        meter = FidelityMeter(clean.device)
+        meter.update(clean, protected)
+        return meter.compute()
+    diff = clean.int() - protected.int()
+    mse = float(diff.double().pow(2).mean()) / 255**2
+    psnr = float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(1.0 / mse)))
+    return {"psnr": psnr, "linf_uint8": int(diff.abs().max()), "num_images": 1, "ssim": float("nan")}
+
+
 @torch.no_grad()
 def protect_folder(
     pl_module,
@@ -261,12 +280,18 @@ def protect_folder(
     label: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    tile: int = 512,
+    overlap: int = 32,
 ) -> Path:
     """Protect a plain folder of a user's own images (any sizes) into PNGs beside a manifest.
 
-    The generator is fully convolutional, so each image is perturbed at its own resolution. A
-    label-conditioned generator needs a class: sub-folders are mapped to classes in sorted order
-    (modulo the number of classes); loose images get `label`.
+    The generator is fully convolutional, so each image is perturbed at its own resolution, in
+    tiles of `tile` pixels (plus `overlap` of discarded context) so that memory does not grow
+    with the image. A label-conditioned generator needs a class: sub-folders are mapped to
+    classes in sorted order (modulo the number of classes); loose images get `label`. Outputs are
+    named `<source name>.png` (`a.jpg` -> `a.jpg.png`); pixel modes follow
+    `fuse_lightning.images` (alpha is copied unchanged, 16-bit grayscale is scaled to 8 bits,
+    CMYK and other modes are refused).
 
     Args:
         pl_module: A trained FUSEModule.
@@ -275,9 +300,12 @@ def protect_folder(
         label: Class used for images directly under `folder`.
         overwrite: Replace an existing output folder.
         progress: Show a progress bar.
+        tile: Tile side in pixels.
+        overlap: Context margin of each tile in pixels.
     """
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
+
+    from fuse_lightning.images import output_name, perturb_tiled, read_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -294,24 +322,28 @@ def protect_folder(
     try:
         pl_module.eval()
         eps = float(pl_module.hparams.eps)
+        device = pl_module.device
         per_image = {}
         for path in tqdm(files, desc=f"protect {folder.name}", disable=not progress):
             rel = path.relative_to(folder)
-            try:
-                with Image.open(path) as img:
-                    clean = pil_to_tensor(img.convert("RGB")).unsqueeze(0)
-            except OSError as err:
-                raise ValueError(f"cannot read image {path}: {err}") from err
+            rgb, alpha, mode = read_image(path)
+            clean = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(device)
             cls = class_of.get(rel.parts[0], label) if len(rel.parts) > 1 else label
-            y = torch.tensor([cls], device=pl_module.device)
-            x = clean.to(pl_module.device).float() / 255
-            protected = quantize_protected(clean.to(pl_module.device), pl_module.perturbation(x, y), eps)
-            meter = FidelityMeter(pl_module.device)
-            meter.update(clean.to(pl_module.device), protected)
-            target = (tmp / rel).with_suffix(".png")
+            y = torch.tensor([cls], device=device)
+            delta = perturb_tiled(lambda crop, y=y: pl_module.perturbation(crop, y), clean.float() / 255, tile, overlap)
+            protected = quantize_protected(clean, delta, eps)
+            del delta
+            out_rel = output_name(rel.as_posix())
+            target = tmp / out_rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(protected[0].permute(1, 2, 0).cpu().numpy()).save(target)
-            per_image[target.relative_to(tmp).as_posix()] = {"source": rel.as_posix(), "class": cls, **meter.compute()}
+            pixels = protected[0].permute(1, 2, 0).cpu().numpy()
+            if alpha is not None:
+                pixels = np.concatenate([pixels, alpha[..., None]], axis=2)
+            Image.fromarray(pixels).save(target)
+            per_image[out_rel.as_posix()] = {
+                "source": rel.as_posix(), "source_mode": mode, "alpha": "copied unchanged" if alpha is not None else None,
+                "class": cls, **image_fidelity(clean, protected, ssim_max_side=tile),
+            }
         write_manifest(
             tmp,
             {
@@ -321,6 +353,8 @@ def protect_folder(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "code_version": code_version(),
                 "model_config": dict(pl_module.hparams),
+                "tile": tile,
+                "overlap": overlap,
                 "images": per_image,
             },
         )
@@ -352,6 +386,8 @@ def protect_main(argv: list[str]) -> int:
     parser.add_argument("--mode", choices=["samplewise", "classwise"], default=None, help="default: the model's")
     parser.add_argument("--images", default=None, help="protect this folder of images instead of the training set")
     parser.add_argument("--label", type=int, default=0, help="class for loose images in --images")
+    parser.add_argument("--tile", type=int, default=512, help="--images: tile side in pixels (bounds memory)")
+    parser.add_argument("--overlap", type=int, default=32, help="--images: context margin of each tile")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     args, rest = parser.parse_known_args(argv)
     ckpt = Path(args.ckpt)
@@ -376,7 +412,8 @@ def protect_main(argv: list[str]) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     model.to(device).eval()
     if args.images:
-        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite)
+        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite,
+                             tile=args.tile, overlap=args.overlap)
     else:
         mode = args.mode or model.hparams.mode
         info = run_manifest(model, datamodule, mode=mode, ckpt_path=str(ckpt.resolve()))

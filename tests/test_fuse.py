@@ -159,7 +159,7 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     manifest = verify_manifest(out)
     assert len(manifest["images"]) == 3
     for name, (h, w) in sizes.items():
-        target = out / Path(name).with_suffix(".png")
+        target = out / (name + ".png")  # the source name is kept: a.png -> a.png.png
         protected = torch.from_numpy(__import__("numpy").array(Image.open(target)))
         with Image.open(folder / name) as img:
             clean = torch.from_numpy(__import__("numpy").array(img.convert("RGB")))
