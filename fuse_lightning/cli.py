@@ -8,6 +8,7 @@ are dispatched before Lightning's parser sees the arguments.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +34,14 @@ class FuseCLI(LightningCLI):
         for name in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, with checkpoints in a fixed directory of its run and per-batch seeding."""
+        trainer = super().instantiate_trainer(**kwargs)
+        fix_checkpoint_dirs(trainer)
+        if os.environ.get("PL_GLOBAL_SEED") not in (None, ""):
+            trainer.callbacks.append(StepReseed())
+        return trainer
+
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand; a failed run leaves no log directory without results behind."""
         try:
@@ -48,6 +57,51 @@ class FuseCLI(LightningCLI):
             register_safe_globals()
             kwargs["weights_only"] = True
         return kwargs
+
+
+def fix_checkpoint_dirs(trainer: L.Trainer) -> list[str]:
+    """Give every ModelCheckpoint without a `dirpath` the run's own `<default_root_dir>/checkpoints`.
+
+    Lightning's default puts checkpoints under the logger's new `version_N` directory, so
+    `--ckpt_path last` never finds the previous attempt; a directory derived from
+    `trainer.default_root_dir` is the same on every attempt of a run and differs between runs.
+    `save_last` is switched on where it was left unset, so there is a `last.ckpt` to resume.
+
+    Args:
+        trainer: The instantiated trainer.
+
+    Returns:
+        The checkpoint directories in use.
+    """
+    dirs = []
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        if callback.save_last is None:
+            callback.save_last = True
+        dirs.append(str(callback.dirpath))
+    return dirs
+
+
+class StepReseed(L.Callback):
+    """Reseed torch/numpy/random from `(seed, epoch, batch)` before every training batch.
+
+    Augmentation and dropout draws then depend on the position in training alone, so a run
+    resumed from a checkpoint continues exactly like an uninterrupted one (the global RNG state
+    is not part of a checkpoint).
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed = (base * 1_000_003 + trainer.current_epoch * 100_003 + batch_idx) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
 
 # Files a run writes before it has produced anything.
@@ -167,8 +221,6 @@ def main(args: Sequence[str] | None = None) -> int | None:
     `fuse: error:` message and exit with status 1; `--debug` (or FUSE_DEBUG=1) shows the full
     traceback instead. Anything else is a bug and keeps its traceback.
     """
-    import os
-
     argv = list(sys.argv[1:] if args is None else args)
     debug = DEBUG_FLAG in argv or os.environ.get("FUSE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
