@@ -8,8 +8,10 @@ are dispatched before Lightning's parser sees the arguments.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 import fuse_lightning.data  # noqa: F401
 import fuse_lightning.filters  # noqa: F401
 import fuse_lightning.victim  # noqa: F401
+from fuse_lightning.checkpoints import register_safe_globals
 
 # DataModule attributes every LightningModule of this project takes as constructor arguments.
 LINKED_DATA_ATTRIBUTES = ("num_classes", "image_size", "mean", "std")
@@ -30,6 +33,100 @@ class FuseCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED_DATA_ATTRIBUTES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, with checkpoints in a fixed directory of its run and per-batch seeding."""
+        trainer = super().instantiate_trainer(**kwargs)
+        fix_checkpoint_dirs(trainer)
+        if os.environ.get("PL_GLOBAL_SEED") not in (None, ""):
+            trainer.callbacks.append(StepReseed())
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; a failed run leaves no log directory without results behind."""
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_empty_log_dir(getattr(self.trainer, "log_dir", None))
+            raise
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Trainer-method kwargs, with checkpoints (`--ckpt_path`) always loaded weights-only."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "ckpt_path" in kwargs or "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            register_safe_globals()
+            kwargs["weights_only"] = True
+        return kwargs
+
+
+def fix_checkpoint_dirs(trainer: L.Trainer) -> list[str]:
+    """Give every ModelCheckpoint without a `dirpath` the run's own `<default_root_dir>/checkpoints`.
+
+    Lightning's default puts checkpoints under the logger's new `version_N` directory, so
+    `--ckpt_path last` never finds the previous attempt; a directory derived from
+    `trainer.default_root_dir` is the same on every attempt of a run and differs between runs.
+    `save_last` is switched on where it was left unset, so there is a `last.ckpt` to resume.
+
+    Args:
+        trainer: The instantiated trainer.
+
+    Returns:
+        The checkpoint directories in use.
+    """
+    dirs = []
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+        if callback.save_last is None:
+            callback.save_last = True
+        dirs.append(str(callback.dirpath))
+    return dirs
+
+
+class StepReseed(L.Callback):
+    """Reseed torch/numpy/random from `(seed, epoch, batch)` before every training batch.
+
+    Augmentation and dropout draws then depend on the position in training alone, so a run
+    resumed from a checkpoint continues exactly like an uninterrupted one (the global RNG state
+    is not part of a checkpoint).
+    """
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed = (base * 1_000_003 + trainer.current_epoch * 100_003 + batch_idx) % 2**32
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+# Files a run writes before it has produced anything.
+SETUP_ONLY_FILES = frozenset({"config.yaml", "hparams.yaml"})
+
+
+def remove_empty_log_dir(log_dir: str | None) -> bool:
+    """Delete a run's log directory when it holds only setup files (the run failed at the start).
+
+    Args:
+        log_dir: The trainer's log directory (may be None or absent).
+
+    Returns:
+        Whether it was removed.
+    """
+    import shutil
+    from pathlib import Path
+
+    if not log_dir or not Path(log_dir).is_dir():
+        return False
+    files = [p for p in Path(log_dir).rglob("*") if p.is_file()]
+    if any(p.name not in SETUP_ONLY_FILES for p in files):
+        return False
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return True
 
 
 def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
@@ -53,6 +150,9 @@ def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
         commands["baseline"] = baseline_main
     except ImportError:  # pragma: no cover
         pass
+    from fuse_lightning.manifest import verify_main
+
+    commands["verify"] = verify_main
     return commands
 
 
@@ -70,16 +170,83 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
     )
 
 
+DEBUG_FLAG = "--debug"
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a user's mistake (bad path, corrupt file, bad value, unknown name)."""
+    from fuse_lightning.checkpoints import CheckpointError
+    from fuse_lightning.data.cifar_format import DatasetFormatError
+    from fuse_lightning.manifest import ManifestError
+
+    return (DatasetFormatError, ManifestError, CheckpointError, FileNotFoundError, FileExistsError,
+            PermissionError, NotADirectoryError, IsADirectoryError, ValueError)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes/contexts, outermost first (cycles cut)."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return chain
+
+
+def user_error_message(exc: BaseException, max_lines: int = 3) -> str | None:
+    """The message to show for a user error, or None when `exc` looks like a bug.
+
+    The project's own error types win (they name the file and the fix); otherwise the deepest
+    user-error exception of the chain is used (the original ValueError, not the wrapper of the
+    config parser around it).
+
+    Args:
+        exc: The exception that ended the command.
+        max_lines: Keep at most this many lines of the message.
+    """
+    chain = _chain(exc)
+    project = _user_error_types()[:3]
+    picked = next((e for e in chain if isinstance(e, project)), None)
+    if picked is None:
+        if not isinstance(chain[-1], _user_error_types()):
+            return None  # e.g. a TypeError wrapped by the config parser: a bug, keep the traceback
+        picked = chain[-1]
+    lines = [line for line in str(picked).strip().splitlines() if line.strip()] or [type(picked).__name__]
+    return "\n".join(lines[:max_lines])
+
+
 def main(args: Sequence[str] | None = None) -> int | None:
-    """Run the command line: `fit|validate|test|predict|protect|sweep ...`."""
+    """Run the command line: `fit|validate|test|predict|protect|sweep|baseline|verify ...`.
+
+    User errors (missing or corrupt data, values out of range, unknown names) print one short
+    `fuse: error:` message and exit with status 1; `--debug` (or FUSE_DEBUG=1) shows the full
+    traceback instead. Anything else is a bug and keeps its traceback.
+    """
     argv = list(sys.argv[1:] if args is None else args)
+    debug = DEBUG_FLAG in argv or os.environ.get("FUSE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if debug:
+        return _dispatch(argv, args is None)
+    try:
+        return _dispatch(argv, args is None)
+    except Exception as exc:  # noqa: BLE001 - classified below; bugs are re-raised
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"fuse: error: {message}\n(run with {DEBUG_FLAG} for the full traceback)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str], from_sys_argv: bool) -> int | None:
+    """Run a project subcommand or Lightning's CLI."""
     extra = _extra_subcommands()
     if argv and argv[0] in extra:
         return extra[argv[0]](argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(f"Project subcommands besides Lightning's: {', '.join(sorted(extra)) or 'none'}")
     # Without explicit args LightningCLI reads sys.argv itself (and warns when handed a list).
-    build_cli(None if args is None else argv)
+    if from_sys_argv:
+        sys.argv = [sys.argv[0], *argv]  # without --debug
+    build_cli(None if from_sys_argv else argv)
     return 0
 
 

@@ -12,8 +12,6 @@ when complete, so an interrupted export never leaves a half-written dataset behi
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -23,23 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
 import fuse_lightning
 from fuse_lightning.budget import linf_uint8, quantize_protected
+from fuse_lightning.manifest import ManifestError, sha256_file, verify_manifest, write_manifest  # noqa: F401
 
 PerturbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def code_version() -> str:
@@ -60,18 +51,64 @@ def code_version() -> str:
         return version
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def stale_temp_dirs(final: Path) -> list[Path]:
+    """Hidden siblings `.<name>.tmp-<pid>-*` / `.<name>.old-<pid>` left by exports that died.
+
+    Only directories whose writer process no longer exists are returned, so a concurrent export
+    to the same destination is left alone.
+    """
+    stale = []
+    for kind in ("tmp", "old"):
+        for path in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid_text = path.name[len(f".{final.name}.{kind}-"):].split("-", 1)[0]
+            if path.is_dir() and (not pid_text.isdigit() or not _pid_alive(int(pid_text))):
+                stale.append(path)
+    return sorted(stale)
+
+
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> tuple[Path, Path]:
     """Check the destination and make a temporary sibling to write into.
 
+    Temporary directories left behind by a killed export to the same destination are removed
+    first. The temporary directory gets the umask's permissions (not mkdtemp's 0700), so the
+    export is as readable as any directory the user creates.
+
+    Args:
+        out_dir: The final destination.
+        overwrite: Allow replacing an existing destination.
+
     Returns:
-        (final path, temporary path). Raises FileExistsError when the destination exists and
-        `overwrite` is false.
+        (final path, temporary path).
+
+    Raises:
+        FileExistsError: The destination exists and `overwrite` is false.
     """
     final = Path(out_dir).resolve()
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    for stale in stale_temp_dirs(final):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    tmp.chmod(0o777 & ~current_umask())
     return final, tmp
 
 
@@ -79,41 +116,13 @@ def commit_output_dir(tmp: Path, final: Path) -> None:
     """Atomically move a completed temporary directory into place (replacing an old one)."""
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-
-
-def write_manifest(directory: Path, manifest: dict[str, Any], exclude: tuple[str, ...] = ()) -> Path:
-    """Add sha256 of every file under `directory` to `manifest` and write `manifest.json`."""
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        rel = path.relative_to(directory).as_posix()
-        if rel == "manifest.json" or rel in exclude:
-            continue
-        files[rel] = sha256_file(path)
-    manifest = {**manifest, "files": files}
-    target = directory / "manifest.json"
-    target.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
-    return target
-
-
-def verify_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """Re-hash every file listed in `manifest.json`; raise ValueError naming any mismatch."""
-    directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {directory}")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, digest in manifest.get("files", {}).items():
-        path = directory / rel
-        if not path.is_file():
-            raise ValueError(f"{path} is listed in {manifest_path} but missing")
-        if sha256_file(path) != digest:
-            raise ValueError(f"{path} does not match the sha256 recorded in {manifest_path}")
-    return manifest
 
 
 class FidelityMeter:
@@ -250,6 +259,24 @@ def run_manifest(pl_module, datamodule, mode: str, trainer=None, ckpt_path: str 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def image_fidelity(clean: torch.Tensor, protected: torch.Tensor, ssim_max_side: int) -> dict[str, float]:
+    """PSNR and uint8 L-inf of one image; SSIM only when both sides are <= `ssim_max_side`.
+
+    Args:
+        clean: uint8 (1, 3, H, W).
+        protected: uint8 (1, 3, H, W).
+        ssim_max_side: Largest side SSIM is computed for (its memory grows with the image).
+    """
+    if max(clean.shape[-2:]) <= ssim_max_side:
+        meter = FidelityMeter(clean.device)
+        meter.update(clean, protected)
+        return meter.compute()
+    diff = clean.int() - protected.int()
+    mse = float(diff.double().pow(2).mean()) / 255**2
+    psnr = float("inf") if mse == 0 else float(10 * torch.log10(torch.tensor(1.0 / mse)))
+    return {"psnr": psnr, "linf_uint8": int(diff.abs().max()), "num_images": 1, "ssim": float("nan")}
+
+
 @torch.no_grad()
 def protect_folder(
     pl_module,
@@ -258,12 +285,18 @@ def protect_folder(
     label: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    tile: int = 512,
+    overlap: int = 32,
 ) -> Path:
     """Protect a plain folder of a user's own images (any sizes) into PNGs beside a manifest.
 
-    The generator is fully convolutional, so each image is perturbed at its own resolution. A
-    label-conditioned generator needs a class: sub-folders are mapped to classes in sorted order
-    (modulo the number of classes); loose images get `label`.
+    The generator is fully convolutional, so each image is perturbed at its own resolution, in
+    tiles of `tile` pixels (plus `overlap` of discarded context) so that memory does not grow
+    with the image. A label-conditioned generator needs a class: sub-folders are mapped to
+    classes in sorted order (modulo the number of classes); loose images get `label`. Outputs are
+    named `<source name>.png` (`a.jpg` -> `a.jpg.png`); pixel modes follow
+    `fuse_lightning.images` (alpha is copied unchanged, 16-bit grayscale is scaled to 8 bits,
+    CMYK and other modes are refused).
 
     Args:
         pl_module: A trained FUSEModule.
@@ -272,9 +305,12 @@ def protect_folder(
         label: Class used for images directly under `folder`.
         overwrite: Replace an existing output folder.
         progress: Show a progress bar.
+        tile: Tile side in pixels.
+        overlap: Context margin of each tile in pixels.
     """
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
+
+    from fuse_lightning.images import output_name, perturb_tiled, read_image
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -291,24 +327,28 @@ def protect_folder(
     try:
         pl_module.eval()
         eps = float(pl_module.hparams.eps)
+        device = pl_module.device
         per_image = {}
         for path in tqdm(files, desc=f"protect {folder.name}", disable=not progress):
             rel = path.relative_to(folder)
-            try:
-                with Image.open(path) as img:
-                    clean = pil_to_tensor(img.convert("RGB")).unsqueeze(0)
-            except OSError as err:
-                raise ValueError(f"cannot read image {path}: {err}") from err
+            rgb, alpha, mode = read_image(path)
+            clean = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(device)
             cls = class_of.get(rel.parts[0], label) if len(rel.parts) > 1 else label
-            y = torch.tensor([cls], device=pl_module.device)
-            x = clean.to(pl_module.device).float() / 255
-            protected = quantize_protected(clean.to(pl_module.device), pl_module.perturbation(x, y), eps)
-            meter = FidelityMeter(pl_module.device)
-            meter.update(clean.to(pl_module.device), protected)
-            target = (tmp / rel).with_suffix(".png")
+            y = torch.tensor([cls], device=device)
+            delta = perturb_tiled(lambda crop, y=y: pl_module.perturbation(crop, y), clean.float() / 255, tile, overlap)
+            protected = quantize_protected(clean, delta, eps)
+            del delta
+            out_rel = output_name(rel.as_posix())
+            target = tmp / out_rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(protected[0].permute(1, 2, 0).cpu().numpy()).save(target)
-            per_image[target.relative_to(tmp).as_posix()] = {"source": rel.as_posix(), "class": cls, **meter.compute()}
+            pixels = protected[0].permute(1, 2, 0).cpu().numpy()
+            if alpha is not None:
+                pixels = np.concatenate([pixels, alpha[..., None]], axis=2)
+            Image.fromarray(pixels).save(target)
+            per_image[out_rel.as_posix()] = {
+                "source": rel.as_posix(), "source_mode": mode, "alpha": "copied unchanged" if alpha is not None else None,
+                "class": cls, **image_fidelity(clean, protected, ssim_max_side=tile),
+            }
         write_manifest(
             tmp,
             {
@@ -318,6 +358,8 @@ def protect_folder(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "code_version": code_version(),
                 "model_config": dict(pl_module.hparams),
+                "tile": tile,
+                "overlap": overlap,
                 "images": per_image,
             },
         )
@@ -349,6 +391,8 @@ def protect_main(argv: list[str]) -> int:
     parser.add_argument("--mode", choices=["samplewise", "classwise"], default=None, help="default: the model's")
     parser.add_argument("--images", default=None, help="protect this folder of images instead of the training set")
     parser.add_argument("--label", type=int, default=0, help="class for loose images in --images")
+    parser.add_argument("--tile", type=int, default=512, help="--images: tile side in pixels (bounds memory)")
+    parser.add_argument("--overlap", type=int, default=32, help="--images: context margin of each tile")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     args, rest = parser.parse_known_args(argv)
     ckpt = Path(args.ckpt)
@@ -360,15 +404,21 @@ def protect_main(argv: list[str]) -> int:
 
     cli = build_cli(rest + ["--trainer.logger", "false"], run=False)
     model, datamodule = cli.model, cli.datamodule
+    from fuse_lightning.checkpoints import CheckpointError, load_checkpoint
+
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)
+    except CheckpointError as err:
+        parser.error(str(err))
+    try:
         model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError, OSError) as err:
+    except (KeyError, RuntimeError) as err:
         parser.error(f"cannot load {ckpt} into {type(model).__name__}: {err}")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     model.to(device).eval()
     if args.images:
-        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite)
+        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite,
+                             tile=args.tile, overlap=args.overlap)
     else:
         mode = args.mode or model.hparams.mode
         info = run_manifest(model, datamodule, mode=mode, ckpt_path=str(ckpt.resolve()))

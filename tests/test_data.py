@@ -330,14 +330,14 @@ def test_protected_dir_swap(cifar10_root, tiny_counts, tmp_path_factory):
     written = source.write_train_set(out, protected, source.train_labels)
     assert written[-1].name == "batches.meta"
 
-    dm = CIFAR10DataModule(data_dir=str(root), protected_dir=str(out))
+    dm = CIFAR10DataModule(data_dir=str(root), protected_dir=str(out), verify_manifest=False)
     dm.setup("fit")
     assert torch.equal(dm.train_images, protected)
     assert torch.equal(dm.train_labels, torch.from_numpy(labels))
     assert torch.equal(dm.test_images, source.test_images)  # test set stays the source's
     assert label_names(out, "cifar10") == label_names(root, "cifar10")
 
-    sub = CIFAR10DataModule(data_dir=str(root), protected_dir=str(out), train_subset=40)
+    sub = CIFAR10DataModule(data_dir=str(root), protected_dir=str(out), train_subset=40, verify_manifest=False)
     sub.setup("fit")
     assert torch.equal(sub.train_images, protected[sub.train_indices])
     assert torch.bincount(sub.train_labels).tolist() == [4] * 10
@@ -489,6 +489,7 @@ def test_imagenet_protect_export_and_reload(image_tree, tmp_path):
         num_classes=3,
         image_size=32,
         protected_dir=str(out),
+        verify_manifest=False,
         augment=False,
         eval_batch_size=12,
         batch_size=12,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fuse_lightning.checkpoints import register_safe_globals
 from fuse_lightning.cli import main
 from fuse_lightning.data import CIFAR10DataModule
 from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
@@ -158,7 +159,7 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     manifest = verify_manifest(out)
     assert len(manifest["images"]) == 3
     for name, (h, w) in sizes.items():
-        target = out / Path(name).with_suffix(".png")
+        target = out / (name + ".png")  # the source name is kept: a.png -> a.png.png
         protected = torch.from_numpy(__import__("numpy").array(Image.open(target)))
         with Image.open(folder / name) as img:
             clean = torch.from_numpy(__import__("numpy").array(img.convert("RGB")))
@@ -182,10 +183,11 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: P
               "--data.train_subset", "null", "--data.batch_size", "100", "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", callbacks]
     main(["fit", *common, "--trainer.max_epochs", "1"])  # "killed" after one epoch
-    first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    register_safe_globals()
+    first = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert first["epoch"] == 0 and first["global_step"] == 4  # 2 batches x 2 optimizers
     main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
-    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 8  # continued, not restarted
 
 

@@ -339,7 +339,8 @@ rng = np.random.default_rng(0)
 labels = np.arange(64) % 10
 images = (rng.integers(0, 60, (64, 3, 32, 32)) + 19 * labels[:, None, None, None]).astype(np.uint8)
 write_cifar(sys.argv[1], images, labels, "cifar10", "train")
-(Path(sys.argv[1]) / "manifest.json").write_text(json.dumps({"method": "tiny"}))
+from fuse_lightning.manifest import write_manifest  # readers verify it: list every file
+write_manifest(Path(sys.argv[1]), {"method": "tiny"})
 """
 
 

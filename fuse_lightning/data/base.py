@@ -161,6 +161,41 @@ class TensorBatchDataset(Dataset):
         return self.images[idx], self.labels[idx]
 
 
+class EpochSeededSampler(torch.utils.data.Sampler[int]):
+    """Random order drawn from `(seed, epoch)` alone, so a resumed run sees the same batches.
+
+    Lightning calls `set_epoch` at the start of every training epoch; the order of epoch `e` is
+    the same whether the run got there directly or was restarted from a checkpoint.
+
+    Args:
+        num_samples: Dataset length.
+        seed: Base seed.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
+def _run_seed(default: int) -> int:
+    """The run's seed (`seed_everything`), or `default` when none was set."""
+    import os
+
+    value = os.environ.get("PL_GLOBAL_SEED")
+    return int(value) if value not in (None, "") else default
+
+
 def _apply_filter(images: torch.Tensor, f: ImageFilter | None) -> torch.Tensor:
     if filter_name(f) == "none":  # also skips an explicit identity filter
         return images
@@ -199,6 +234,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; 0 is right for resident data.
         check_counts: Require the full official split sizes (CIFAR: 50000/10000); disable for
             a deliberately smaller copy in the same format (e.g. generated test data).
+        verify_manifest: Check `protected_dir` against its `manifest.json` before reading it
+            (missing, changed or unlisted files are an error); false skips the check.
     """
 
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -222,6 +259,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         download: bool = False,
         num_workers: int = 0,
         check_counts: bool = True,
+        verify_manifest: bool = True,
     ) -> None:
         super().__init__()
         if pad_mode not in ("zeros", "reflect"):
@@ -242,6 +280,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.download = download
         self.num_workers = num_workers
         self.check_counts = check_counts
+        self.verify_manifest = verify_manifest
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._source_train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -348,18 +387,27 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self._test = (_apply_filter(test[0], self.test_filter), test[1])
         if stage in (None, "fit") and self._train is None:
             if self.protected_dir is not None:
+                self._verify_protected()
                 loaded = self._read_protected(self.protected_dir)
             else:
                 loaded = self._source_train()
             train, self.train_indices = self._subset(loaded, self.train_subset)
             self._train = (_apply_filter(train[0], self.train_filter), train[1])
 
+    def _verify_protected(self) -> None:
+        """Check `protected_dir` against its manifest unless `verify_manifest` is false."""
+        if self.verify_manifest and self.protected_dir is not None:
+            from fuse_lightning.manifest import verify_manifest
+
+            verify_manifest(self.protected_dir)
+
     # ----------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False):
+        sampler = EpochSeededSampler(len(dataset), _run_seed(self.subset_seed)) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             collate_fn=passthrough_collate,
             num_workers=self.num_workers,
@@ -408,8 +456,18 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def _device_transform(self, x: torch.Tensor, training: bool) -> torch.Tensor:
         """Per-batch transform on the device after the uint8 -> float conversion."""
         if training and self.augment:
-            return random_crop_flip(x, self.crop_padding, pad_mode=self.pad_mode)
+            return random_crop_flip(x, self.crop_padding, generator=self._augment_generator(x.device),
+                                    pad_mode=self.pad_mode)
         return x
+
+    def _augment_generator(self, device: torch.device) -> torch.Generator | None:
+        """A generator seeded by (run seed, epoch, global step): a resumed run draws the same crops."""
+        trainer = getattr(self, "trainer", None)
+        epoch, step = getattr(trainer, "current_epoch", None), getattr(trainer, "global_step", None)
+        if not isinstance(epoch, int) or not isinstance(step, int):
+            return None
+        seed = _run_seed(self.subset_seed) * 1_000_003 + epoch * 100_003 + step
+        return torch.Generator(device=device).manual_seed(seed % 2**63)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """uint8 -> float32 in [0, 1] on the device, then augmentation of training batches.

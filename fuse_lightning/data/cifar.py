@@ -20,6 +20,30 @@ from fuse_lightning.data.cifar_format import (
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
 
+def _existing_paths(data_dir: Path, archive: str, dirname: str) -> set[Path]:
+    """Paths a download may create (archive, extracted dir, data_dir and its parents) that exist now."""
+    candidates = [data_dir / archive, data_dir / dirname, data_dir, *data_dir.parents]
+    return {p for p in candidates if p.exists()}
+
+
+def _remove_new_paths(data_dir: Path, archive: str, dirname: str, before: set[Path]) -> None:
+    """Undo a failed download: delete a partial archive and directories it created (when empty)."""
+    import shutil
+
+    archive_path, extracted = data_dir / archive, data_dir / dirname
+    if archive_path not in before and archive_path.is_file():
+        archive_path.unlink()
+    if extracted not in before and extracted.is_dir():
+        shutil.rmtree(extracted, ignore_errors=True)
+    for directory in [data_dir, *data_dir.parents]:
+        if directory in before or not directory.is_dir():
+            break
+        try:
+            directory.rmdir()  # only empty directories go
+        except OSError:
+            break
+
+
 class _CIFARDataModule(ImageClassificationDataModule):
     """Shared CIFAR logic; `variant` selects the file layout."""
 
@@ -45,10 +69,12 @@ class _CIFARDataModule(ImageClassificationDataModule):
             if self.variant == "cifar10"
             else torchvision.datasets.CIFAR100
         )
+        before = _existing_paths(Path(self.data_dir), spec.archive, spec.dirname)
         try:
             for train in (True, False):
                 cls(self.data_dir, train=train, download=True)
         except Exception as exc:  # no network, bad checksum, read-only directory, ...
+            _remove_new_paths(Path(self.data_dir), spec.archive, spec.dirname, before)
             raise DatasetFormatError(
                 f"{Path(self.data_dir) / spec.dirname}: {self.variant} is missing and the download "
                 f"failed ({type(exc).__name__}: {exc}). Place the contents of the standard "

@@ -28,6 +28,7 @@ __all__ = [
     "expected_counts",
     "label_names",
     "read_cifar",
+    "restricted_load",
     "write_cifar",
 ]
 
@@ -130,19 +131,104 @@ def _missing_message(path: Path, spec: CifarVariant) -> str:
     )
 
 
+class RefusedPickleError(pickle.UnpicklingError):
+    """A pickle asks for something outside the CIFAR allow-list (a global, an object array)."""
+
+
+# Numeric dtype kinds a CIFAR array may have: bool, signed/unsigned int, float, complex.
+NUMERIC_KINDS = frozenset("biufc")
+
+
+def _numeric_dtype(*args: Any) -> np.dtype:
+    """`numpy.dtype(...)` as called by pickled arrays, refusing object/str/structured dtypes."""
+    dtype = np.dtype(*args)
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None:
+        raise RefusedPickleError(f"numpy dtype {dtype!s} is not numeric")
+    return dtype
+
+
+def _plain_ndarray_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's `_reconstruct`, limited to plain `numpy.ndarray` (no subclasses)."""
+    if subtype is not np.ndarray:
+        raise RefusedPickleError(f"array subtype {subtype!r} is not numpy.ndarray")
+    return np.ndarray.__new__(np.ndarray, shape, _numeric_dtype(dtype))
+
+
+def _numeric_frombuffer(buf: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
+    """numpy's protocol-5 array reader, limited to numeric dtypes."""
+    array = np.frombuffer(buf, dtype=_numeric_dtype(dtype))
+    return array.reshape(shape, order="F" if order == "F" else "C")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode`, as protocol-2 pickles of python-3 bytes use it; latin1 only."""
+    if str(encoding).lower().replace("-", "") not in ("latin1", "iso88591"):
+        raise RefusedPickleError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return str(text).encode("latin1")
+
+
+# The only globals a CIFAR pickle may name (numpy 1.x and 2.x spellings). Everything else is
+# refused before it is looked up, so a crafted file cannot run code.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _numeric_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _plain_ndarray_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _plain_ndarray_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _numeric_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numeric_frombuffer,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that builds only dicts, lists, tuples, str/bytes, numbers and numeric arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedPickleError(
+                f"refusing to load global {module}.{name}: a CIFAR file holds only dicts, lists, "
+                f"strings and numeric numpy arrays"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise RefusedPickleError("persistent ids are not allowed in a CIFAR file")
+
+
+def restricted_load(fh: Any) -> Any:
+    """Unpickle a CIFAR file object without importing or calling anything outside the allow-list.
+
+    Args:
+        fh: A binary file object.
+
+    Returns:
+        The unpickled object (bytes keys stay bytes: encoding="bytes" reads python-2 originals).
+
+    Raises:
+        RefusedPickleError: The pickle names a global outside the allow-list, or a numpy
+            array of a non-numeric dtype.
+    """
+    return _CifarUnpickler(fh, encoding="bytes").load()
+
+
 def _load_pickle(path: Path, spec: CifarVariant) -> dict[str, Any]:
-    """Unpickle one CIFAR file and return it with str keys (the originals use bytes keys)."""
+    """Unpickle one CIFAR file (restricted) and return it with str keys (originals use bytes)."""
     if not path.is_file():
         raise DatasetFormatError(_missing_message(path, spec))
     try:
         with path.open("rb") as fh:
-            # encoding="bytes" loads the python-2 era originals; python-3 pickles load unchanged.
-            obj = pickle.load(fh, encoding="bytes")
-    except Exception as exc:  # truncated files raise EOFError, garbage UnpicklingError, ...
+            obj = restricted_load(fh)
+    except RefusedPickleError as exc:
+        raise DatasetFormatError(
+            f"{path}: not a plain CIFAR pickle ({exc}); refusing to load it. Re-extract "
+            f"{spec.archive} or re-export the protected set"
+        ) from None
+    except Exception as exc:  # truncated files raise EOFError, garbage ValueError, ...
         raise DatasetFormatError(
             f"{path}: could not unpickle ({type(exc).__name__}: {exc}); the file is truncated or "
             f"corrupt, re-extract {spec.archive}"
-        ) from exc
+        ) from None
     if not isinstance(obj, dict):
         raise DatasetFormatError(f"{path}: expected a pickled dict, got {type(obj).__name__}")
     return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in obj.items()}

@@ -166,6 +166,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         protected_dir: A protected copy of the training images as written by `write_train_set`
             (`<protected_dir>/train/<class>/<stem>.png`); validation stays the source's.
         num_workers: DataLoader worker processes for decoding.
+        verify_manifest: Check `protected_dir` against its `manifest.json` before reading it.
     """
 
     mean = (0.485, 0.456, 0.406)
@@ -187,6 +188,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         test_filter: ImageFilter | str | None = None,
         protected_dir: str | None = None,
         num_workers: int = 4,
+        verify_manifest: bool = True,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -201,6 +203,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             protected_dir=protected_dir,
             download=False,
             num_workers=num_workers,
+            verify_manifest=verify_manifest,
         )
         if classes is None and num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -263,6 +266,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             self._test_samples = self._subset_samples(val, self.test_subset)
         if stage in (None, "fit") and self._train_samples is None:
             if self.protected_dir is not None:
+                self._verify_protected()
                 train = list_image_folder(self._protected_root(self.protected_dir), self.classes)
             else:
                 train = self.source_train_samples()
