@@ -8,7 +8,7 @@ SWEEP ?= configs/sweeps/cifar10_cpu.yaml
 BACKEND ?= local
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint fit victim demo sweep bench clean
+.PHONY: help install test test-all lint fit victim demo sweep bench gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -36,8 +36,11 @@ demo: ## CPU-sized end-to-end run: FUSE, protect, victims on clean/EM/FUSE data,
 sweep: ## Run a sweep grid: make sweep SWEEP=configs/sweeps/<name>.yaml [BACKEND=local|wandb]
 	$(BIN)/fuse sweep $(SWEEP) --data-dir $(DATA_DIR) --backend $(BACKEND)
 
-bench: ## Throughput benchmarks (generator, victims, FFT masking, protection); figures to stdout
-	$(BIN)/python -m fuse_lightning.bench
+bench: ## Benchmarks as ratios (Lightning vs plain loops, FLOP bound, time to a protected set); docs/benchmarks.md
+	$(BIN)/python -m fuse_lightning.bench --data-dir $(DATA_DIR) --json outputs/bench.json
+
+gpu-check: ## The whole GPU path in ~6 min on one GPU; report in experiments/results/gpu_check (ARGS=--dry-run to print the plan)
+	$(BIN)/python -m fuse_lightning.gpu_check --data-dir $(DATA_DIR) $(ARGS)
 
 clean: ## Remove logs and caches (keeps .venv and experiments/results)
 	rm -rf logs lightning_logs wandb .pytest_cache .ruff_cache

@@ -384,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         report["end_to_end"] = end_to_end(args.data_dir, REPO / "outputs" / "bench")
     print(format_report(report))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0 if all("error" not in v for v in items.values()) else 1
 

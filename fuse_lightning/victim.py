@@ -55,6 +55,8 @@ class VictimModule(L.LightningModule):
         label_smoothing: Cross-entropy label smoothing.
         channels_last: Use the channels-last memory format (10-50 % faster convolutions on CPU
             and on tensor-core GPUs).
+        tta_flip: Evaluate (validation, test, predict) on the mean logits of each image and its
+            horizontal mirror: about +0.5-1 point for a short schedule, at twice the eval cost.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class VictimModule(L.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        tta_flip: bool = False,
     ) -> None:
         super().__init__()
         if scheduler not in ("cosine", "none"):
@@ -107,6 +110,8 @@ class VictimModule(L.LightningModule):
     def _step(self, batch, metric: MulticlassAccuracy, stage: str) -> torch.Tensor:
         images, labels = batch[0], batch[1]
         logits = self(images)
+        if stage != "train" and self.hparams.tta_flip:
+            logits = 0.5 * (logits + self(images.flip(-1)))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         metric(logits, labels)
         on_step = stage == "train"
@@ -124,7 +129,10 @@ class VictimModule(L.LightningModule):
         self._step(batch, self.test_acc, "test")
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self(batch[0]).argmax(dim=1)
+        logits = self(batch[0])
+        if self.hparams.tta_flip:
+            logits = logits + self(batch[0].flip(-1))
+        return logits.argmax(dim=1)
 
     def configure_optimizers(self):
         params = self.parameters()

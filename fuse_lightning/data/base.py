@@ -236,6 +236,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             a deliberately smaller copy in the same format (e.g. generated test data).
         verify_manifest: Check `protected_dir` against its `manifest.json` before reading it
             (missing, changed or unlisted files are an error); false skips the check.
+        resident_on_device: On a GPU, keep the training and test tensors on the device (uint8,
+            moved once); batches are then gathered there and nothing crosses PCIe per step. Only
+            with `num_workers: 0`. CPU runs are unaffected.
     """
 
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -260,6 +263,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         check_counts: bool = True,
         verify_manifest: bool = True,
+        resident_on_device: bool = True,
     ) -> None:
         super().__init__()
         if pad_mode not in ("zeros", "reflect"):
@@ -281,6 +285,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.check_counts = check_counts
         self.verify_manifest = verify_manifest
+        self.resident_on_device = resident_on_device
+        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._train: tuple[torch.Tensor, torch.Tensor] | None = None
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._source_train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -420,14 +426,28 @@ class ImageClassificationDataModule(L.LightningDataModule):
         n = len(self.train_labels)
         # Drop only a lone trailing example: BatchNorm cannot normalise a batch of one.
         return self._loader(
-            TensorBatchDataset(*self._train), self.batch_size, True, n % self.batch_size == 1
+            TensorBatchDataset(*self._resident("train", self._train)), self.batch_size, True,
+            n % self.batch_size == 1,
         )
 
     def val_dataloader(self) -> DataLoader:
         """The clean test set (unlearnable examples are judged by clean test accuracy)."""
         if self._test is None:
             self.setup("validate")
-        return self._loader(TensorBatchDataset(*self._test), self.eval_batch_size, False)
+        return self._loader(TensorBatchDataset(*self._resident("test", self._test)), self.eval_batch_size, False)
+
+    def _resident(self, name: str, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split moved once to the trainer's GPU (see `resident_on_device`), else as is."""
+        trainer = getattr(self, "trainer", None)
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        if not self.resident_on_device or self.num_workers > 0 or device is None or device.type != "cuda":
+            return split
+        cached = self._on_device.get(name)
+        if cached is None or cached[0].device != device or len(cached[1]) != len(split[1]):
+            # why: uint8 is 4x smaller than float; the whole CIFAR training set is 150 MB.
+            cached = (split[0].to(device), split[1].to(device))
+            self._on_device[name] = cached
+        return cached
 
     def test_dataloader(self) -> DataLoader:
         """Same as `val_dataloader`."""

@@ -1,0 +1,76 @@
+"""The GPU check's plan, parsing and data carrying, checked without a GPU."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fuse_lightning import gpu_check
+from fuse_lightning.data.cifar_format import read_cifar
+from fuse_lightning.data.mosaic import pack_cifar, tile_mosaic, unpack_cifar, untile_mosaic
+
+
+def test_tiles_round_trip_exactly():
+    images = np.random.default_rng(0).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    mosaic = tile_mosaic(images, columns=3)
+    assert mosaic.shape == (3 * 32, 3 * 32, 3)  # 7 tiles -> 3 rows, 2 black tiles at the end
+    assert (mosaic[64:, 32:] == 0).all()
+    np.testing.assert_array_equal(untile_mosaic(mosaic, 7, 32), images)
+
+
+def test_pack_unpack_keeps_labels_and_is_near_lossless(tiny_cifar10, tmp_path):
+    pack_cifar(tiny_cifar10, tmp_path / "pack", columns=16)
+    out = unpack_cifar(tmp_path / "pack", tmp_path / "data")
+    assert out.name == "cifar-10-batches-py"
+    for split in ("train", "test"):
+        a, la = read_cifar(tiny_cifar10, "cifar10", split)
+        b, lb = read_cifar(tmp_path / "data", "cifar10", split)
+        assert torch.equal(la, lb)
+        mse = (a.float() - b.float()).square().mean()
+        psnr = 10 * torch.log10(255**2 / mse)
+        # the noisy fixture is the hard case for JPEG; real CIFAR-10 measured 46.8 dB
+        assert psnr > 35, psnr
+
+
+def test_unpack_refuses_a_directory_without_pack_json(tmp_path):
+    with pytest.raises(ValueError, match="pack.json"):
+        unpack_cifar(tmp_path, tmp_path / "data")
+
+
+def test_dry_run_lists_every_stage(tmp_path, capsys):
+    assert gpu_check.main(["--data-dir", str(tmp_path), "--dry-run", "--work-dir", str(tmp_path / "w")]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("tests", "bench", "fuse", "protect", "victim_clean_none", "victim_fuse_lowpass-ideal-0.5", "sweep"):
+        assert f"# {stage} " in printed
+    assert "configs/trainer/gpu.yaml" in printed and "--trainer.max_time" in printed
+    assert not (tmp_path / "w").exists()  # a dry run writes nothing
+
+
+def test_bad_arguments_exit_non_zero(tmp_path):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--dry-run"])  # neither --data-dir nor --packed-data
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--data-dir", str(tmp_path), "--dry-run", "--only", "nosuchstage"])
+    assert gpu_check.main(["--packed-data", str(tmp_path), "--dry-run"]) == 1  # no pack.json
+
+
+def test_without_a_gpu_the_real_check_refuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"torch": "x"})
+    assert gpu_check.main(["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+                           "--out", str(tmp_path / "o")]) == 2
+    assert "--smoke" in capsys.readouterr().err
+
+
+def test_metrics_and_epochs_are_read_from_files(tmp_path):
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,val/acc,perf/train_img_per_s\n0,10,0.5,100\n0,10,,300\n1,20,0.75,200\n")
+    assert gpu_check.read_metrics(tmp_path / "metrics.csv")["val/acc"] == 0.75
+    assert gpu_check.max_metric(tmp_path / "metrics.csv", "perf/train_img_per_s") == 300
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"items": {"victim_lightning": {"img_per_s": 25_000}}}))
+    # 80 % of 25 000 img/s for 30 s = 600 000 images = 12 epochs of 50 000
+    assert gpu_check.victim_epochs_from_bench(bench, 0.5, default=8) == 12
+    assert gpu_check.victim_epochs_from_bench(tmp_path / "missing.json", 0.5, default=8) == 8
