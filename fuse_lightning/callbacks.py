@@ -139,7 +139,9 @@ class PerturbationMonitor(L.Callback):
             for key, tensor in images.items():
                 logger.log_image(key=key, images=[tensor.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
             return
-        root = Path(trainer.log_dir or trainer.default_root_dir) / "media"
+        # why not `trainer.log_dir`: under DDP it broadcasts from rank 0, and this hook runs on rank 0
+        # only, so the other ranks would never answer (a hang, seen with 2 CPU processes).
+        root = Path(getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir) / "media"
         root.mkdir(parents=True, exist_ok=True)
         for key, tensor in images.items():
             name = key.split("/")[-1]

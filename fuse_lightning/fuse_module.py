@@ -21,6 +21,7 @@ generator. The paper does not publish its exact losses: these choices and their 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -267,6 +268,34 @@ class FUSEModule(L.LightningModule):
         return terms
 
     # ----------------------------------------------------------------- training
+    # ----------------------------------------------------------------- multi-process training
+    def _no_ddp_sync(self):
+        """Turn off DDP's own gradient reduction for one backward pass.
+
+        why: a FUSE step makes two backward passes (surrogate, then generator) through one DDP
+        forward, each using only part of the parameters; DDP's reducer expects one backward that
+        uses every parameter and fails (or hangs with `find_unused_parameters`). Gradients are
+        averaged explicitly by `_average_gradients` instead.
+        """
+        model = getattr(getattr(self._trainer, "strategy", None), "model", None) if self._trainer else None
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def _average_gradients(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """All-reduce (mean) the gradients of `params` across processes; no-op in one process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        grads = [p.grad for p in params if p.grad is not None]
+        if world == 1 or not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(synced)
+
     def training_step(self, batch, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
         opt_f, opt_g = self.optimizers()
@@ -285,7 +314,9 @@ class FUSEModule(L.LightningModule):
             logits = self.surrogate(protected)
             loss_f = F.cross_entropy(logits, y)
             opt_f.zero_grad(set_to_none=True)
-            self.manual_backward(loss_f)
+            with self._no_ddp_sync():
+                self.manual_backward(loss_f)
+            self._average_gradients(self.surrogate.parameters())
             opt_f.step()
         self.surrogate_acc(logits.detach(), y)
 
@@ -294,7 +325,9 @@ class FUSEModule(L.LightningModule):
         self.surrogate.requires_grad_(False)
         terms = self.generator_losses(x, y)
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(terms["loss_generator"])
+        with self._no_ddp_sync():
+            self.manual_backward(terms["loss_generator"])
+        self._average_gradients(self.generator.parameters())
         if self.hparams.generator_grad_clip > 0:
             self.clip_gradients(opt_g, gradient_clip_val=self.hparams.generator_grad_clip, gradient_clip_algorithm="norm")
         opt_g.step()

@@ -129,8 +129,10 @@ class FidelityMeter:
     """Accumulates PSNR, SSIM (torchmetrics) and the uint8 L∞ distance of protected vs clean."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
-        self.psnr = PeakSignalNoiseRatio(data_range=1.0).to(device)
-        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
+        # sync_on_compute=False: an export runs in one process (rank 0 under DDP); a cross-process
+        # sync there would wait forever for the other ranks.
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0, sync_on_compute=False).to(device)
+        self.ssim = StructuralSimilarityIndexMeasure(data_range=1.0, sync_on_compute=False).to(device)
         self.linf = 0
         self.count = 0
 
@@ -250,8 +252,11 @@ def run_manifest(pl_module, datamodule, mode: str, trainer=None, ckpt_path: str 
     if trainer is not None:
         info["global_step"] = int(trainer.global_step)
         info["epochs"] = int(trainer.current_epoch)
-        config_file = Path(trainer.log_dir or "") / "config.yaml"
-        if trainer.log_dir and config_file.is_file():
+        # The logger's own directory: `trainer.log_dir` is a collective under DDP, and exports run
+        # on rank 0 only.
+        log_dir = getattr(trainer.logger, "log_dir", None)
+        config_file = Path(log_dir or "") / "config.yaml"
+        if log_dir and config_file.is_file():
             info["cli_config"] = config_file.read_text()
     return info
 
