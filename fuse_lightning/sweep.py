@@ -19,6 +19,7 @@ Backends: `local` runs one victim at a time on CPU, or one per visible GPU in pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import itertools
@@ -28,6 +29,7 @@ import queue
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -47,6 +49,8 @@ __all__ = [
     "Run",
     "Sweep",
     "SweepError",
+    "SweepInterrupted",
+    "execute",
     "expand_grid",
     "expand_command",
     "load_sweep",
@@ -61,6 +65,8 @@ __all__ = [
     "run_local",
     "run_victims",
     "split_results",
+    "stop_children",
+    "stop_children_on_exit",
     "sweep_main",
     "victim_command",
     "write_sweep_report",
@@ -91,6 +97,18 @@ Executor = Callable[[list[str], Path, dict[str, str] | None], int]
 
 class SweepError(ValueError):
     """A sweep file is invalid, or a sweep cannot run (message names the file and key)."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was told to stop (SIGTERM, or a child killed while stopping); nothing is recorded.
+
+    Args:
+        signum: The signal that stopped the sweep.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -574,14 +592,117 @@ def method_is_current(sweep: Sweep, method: Method, data_dir: str | os.PathLike)
 # --------------------------------------------------------------------------------------------
 
 
+# Children of `execute` that are still running, and whether the sweep is stopping.
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's process group, wait up to `grace_s`, then SIGKILL it and wait."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+        try:
+            proc.wait(timeout=wait_s)
+            if sig == signal.SIGTERM:
+                # The leader is gone; kill what is left of its group (e.g. dataloader workers).
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_children(grace_s: float = 10.0) -> int:
+    """Stop every running child of `execute` and refuse new ones until `execute` is re-armed.
+
+    Args:
+        grace_s: Seconds each child's process group gets after SIGTERM before SIGKILL.
+
+    Returns:
+        The number of children that were running.
+    """
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        _kill_group(proc, grace_s)
+    return len(children)
+
+
 def execute(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
-    """Run a command with stdout and stderr appended to `log_path`; return its exit code."""
+    """Run a command with stdout and stderr appended to `log_path`; return its exit code.
+
+    The child runs in its own process group (session). If this call is interrupted
+    (KeyboardInterrupt, `SweepInterrupted` from SIGTERM) the group is terminated and waited for
+    before the exception propagates; a child stopped by `stop_children` (another thread was
+    interrupted) raises `SweepInterrupted` instead of returning an exit code, so nothing is
+    recorded for it.
+
+    Args:
+        cmd: Argument list.
+        log_path: Output file (appended).
+        env: Extra environment variables.
+
+    Returns:
+        The child's exit code.
+
+    Raises:
+        SweepInterrupted: The sweep is stopping.
+    """
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc, 10.0)
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
+    return code
+
+
+@contextlib.contextmanager
+def stop_children_on_exit(grace_s: float = 10.0):
+    """Run the body with SIGTERM raising `SweepInterrupted` and every child stopped on the way out.
+
+    Inside, `execute` may start children (the stop flag is cleared on entry). When the body
+    raises (Ctrl-C, SIGTERM, an error), the running children's process groups are terminated
+    and waited for before the exception propagates. SIGTERM is only handled in the main thread.
+
+    Args:
+        grace_s: Seconds between SIGTERM and SIGKILL for each child.
+    """
+
+    def on_term(signum, frame):
+        raise SweepInterrupted(signum)
+
+    _STOPPING.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except BaseException:
+        stop_children(grace_s)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -877,10 +998,15 @@ def run_victims(
                 out(f"[{i}/{len(pending)}] {run.run_id}{where}  val/acc {100 * row['val_acc']:.2f}%  {took:.0f}s")
             bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
-        for future in [pool.submit(work, r) for r in pending]:
-            future.result()
-    bar.close()
+    pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+    try:
+        with stop_children_on_exit():
+            for future in [pool.submit(work, r) for r in pending]:
+                future.result()
+    finally:
+        # After an interrupt the children are stopped already; queued runs are dropped.
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
     return summary
 
 
@@ -1140,8 +1266,23 @@ def run_local(
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `fuse sweep` (see `build_parser`); returns the exit status."""
+    """Entry point of `fuse sweep` (see `build_parser`); returns the exit status.
+
+    Ctrl-C or SIGTERM stops the running victims and prepare commands (their whole process
+    groups) and returns 128 + the signal number; finished runs stay, rerunning resumes.
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        with stop_children_on_exit():
+            return _sweep_main(args)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"fuse sweep: stopped by {signal.Signals(signum).name}; running children were "
+              "stopped, finished runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 128 + int(signum)
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
     try:
         sweep = load_sweep(args.sweep)
         if args.report_only:

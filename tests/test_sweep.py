@@ -506,3 +506,110 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
         else:
             raise AssertionError(f"unexpected command {cmd}")
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ stopping
+
+# A stand-in for a victim: starts a grandchild (like a dataloader worker), writes both pids to
+# `<dir>/child.pid` and sleeps.
+SLEEPER = """
+import os, subprocess, sys, time
+from pathlib import Path
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+target = Path(sys.argv[1]) / "child.pid"
+target.parent.mkdir(parents=True, exist_ok=True)
+target.with_suffix(".tmp").write_text(f"{os.getpid()} {grandchild.pid}")
+os.replace(target.with_suffix(".tmp"), target)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an unreaped exit counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(paths: list[Path], timeout_s: float = 60.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths):
+        assert time.monotonic() < deadline, f"children did not start: {paths}"
+        time.sleep(0.05)
+    return [int(x) for p in paths for x in p.read_text().split()]
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_sigterm_to_the_sweep_stops_its_children(tmp_path: Path):
+    """SIGTERM to `fuse sweep` kills the running prepare command's whole process group."""
+    import signal
+    import subprocess
+
+    path = write_sweep(tmp_path, f"""
+name: stop
+results_dir: {tmp_path}/results
+work_dir: {tmp_path}/work
+victim_configs: [configs/victim_cifar10.yaml]
+methods:
+  slow:
+    prepare: [[python, -c, {json.dumps(SLEEPER)}, "{{method_dir}}"]]
+grid: {{method: [slow], arch: [fastnet]}}
+""")
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fuse_lightning.sweep import sweep_main; "
+         "sys.exit(sweep_main(sys.argv[1:]))", str(path), "--data-dir", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        pids = wait_for([tmp_path / "work" / "methods" / "slow" / "child.pid"])
+        assert all(alive(p) for p in pids)
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    assert wait_gone(pids) == []
+    assert not (tmp_path / "work" / "methods" / "slow" / "prepare.json").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monkeypatch):
+    """Ctrl-C while two victims run (two 'GPUs'): both process groups die, no result is written."""
+    import os
+    import signal
+    import threading
+
+    runs = S.expand_grid(basic)[:3]
+    monkeypatch.setattr(S, "victim_command", lambda sweep, run, data_dir: [sys.executable, "-c", SLEEPER, str(run.run_dir)])
+    pid_files = [r.run_dir / "child.pid" for r in runs[:2]]
+    found: list[int] = []
+
+    def interrupt() -> None:
+        found.extend(wait_for(pid_files))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt, daemon=True)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        S.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=S.execute, log=lambda s: None)
+    timer.join(5)
+    assert len(found) == 4  # two children, two grandchildren
+    assert wait_gone(found) == []
+    for run in runs:
+        assert not run.result_path.exists() and not (run.run_dir / "failed.json").exists()
+    assert not (runs[2].run_dir / "child.pid").exists()  # the queued run never started
