@@ -680,9 +680,10 @@ def execute(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -
 def stop_children_on_exit(grace_s: float = 10.0):
     """Run the body with SIGTERM raising `SweepInterrupted` and every child stopped on the way out.
 
-    Inside, `execute` may start children (the stop flag is cleared on entry). When the body
-    raises (Ctrl-C, SIGTERM, an error), the running children's process groups are terminated
-    and waited for before the exception propagates. SIGTERM is only handled in the main thread.
+    Inside, `execute` may start children (the stop flag is cleared on entry and on exit). When
+    the body raises (Ctrl-C, SIGTERM, an error), the running children's process groups are
+    terminated and waited for before the exception propagates. The body must have waited for
+    its worker threads before it ends. SIGTERM is only handled in the main thread.
 
     Args:
         grace_s: Seconds between SIGTERM and SIGKILL for each child.
@@ -701,6 +702,7 @@ def stop_children_on_exit(grace_s: float = 10.0):
         stop_children(grace_s)
         raise
     finally:
+        _STOPPING.clear()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
@@ -999,14 +1001,16 @@ def run_victims(
             bar.update(1)
 
     pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
-    try:
-        with stop_children_on_exit():
+    with stop_children_on_exit():
+        try:
             for future in [pool.submit(work, r) for r in pending]:
                 future.result()
-    finally:
-        # After an interrupt the children are stopped already; queued runs are dropped.
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
+        except BaseException:
+            stop_children()  # before waiting for the workers: they wait for their children
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # queued runs are dropped
+            bar.close()
     return summary
 
 

@@ -613,3 +613,5 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
     for run in runs:
         assert not run.result_path.exists() and not (run.run_dir / "failed.json").exists()
     assert not (runs[2].run_dir / "child.pid").exists()  # the queued run never started
+    # The stop is over: the next sweep in this process starts children again.
+    assert S.execute([sys.executable, "-c", "pass"], runs[2].run_dir / "after.log") == 0
