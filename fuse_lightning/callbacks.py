@@ -14,17 +14,32 @@ from torchvision.utils import make_grid, save_image
 from fuse_lightning import spectral
 
 
+def export_dir(out_dir: str | Path | None, default_root_dir: str | Path) -> Path:
+    """Where `ProtectOnFitEnd` writes: `out_dir`, or the run's own `<default_root_dir>/protected`.
+
+    Args:
+        out_dir: Explicit destination, or None.
+        default_root_dir: The trainer's `default_root_dir` (differs between runs, same on resume).
+
+    Returns:
+        The destination directory.
+    """
+    return Path(out_dir) if out_dir is not None else Path(default_root_dir) / "protected"
+
+
 class ProtectOnFitEnd(L.Callback):
     """After `fit`, write the protected training set (source format + manifest.json).
 
     Args:
         out_dir: Destination directory (written atomically: temporary directory, then rename).
+            None (the default): `<trainer.default_root_dir>/protected`, so the export belongs to
+            the run that made it and another run's `overwrite` cannot replace it.
         overwrite: Replace an existing destination instead of failing.
         mode: "samplewise" or "classwise"; default: the module's `mode`.
         enabled: Set false to skip the export (e.g. during quick checks).
     """
 
-    def __init__(self, out_dir: str = "outputs/protected/fuse", overwrite: bool = False, mode: str | None = None, enabled: bool = True) -> None:
+    def __init__(self, out_dir: str | None = None, overwrite: bool = False, mode: str | None = None, enabled: bool = True) -> None:
         self.out_dir = out_dir
         self.overwrite = overwrite
         self.mode = mode
@@ -47,7 +62,7 @@ class ProtectOnFitEnd(L.Callback):
             out = protect_dataset(
                 datamodule,
                 perturb,
-                self.out_dir,
+                export_dir(self.out_dir, trainer.default_root_dir),
                 eps=pl_module.hparams.eps,
                 manifest=run_manifest(pl_module, datamodule, mode=self.mode or pl_module.hparams.mode, trainer=trainer),
                 overwrite=self.overwrite,
@@ -148,7 +163,7 @@ class PerturbationMonitor(L.Callback):
             save_image(tensor, root / f"{name}_epoch{trainer.current_epoch:03d}.png")
 
 
-__all__ = ["PerturbationMonitor", "ProtectOnFitEnd", "spectrum_figure"]
+__all__ = ["PerturbationMonitor", "ProtectOnFitEnd", "export_dir", "spectrum_figure"]
 
 
 class ThroughputLogger(L.Callback):

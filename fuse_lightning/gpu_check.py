@@ -80,8 +80,10 @@ def plan(args: argparse.Namespace, work: Path, data_dir: Path, victim_epochs: in
         data += ["--data.check_counts", "false"]
     quiet = ["--trainer.enable_progress_bar", "false"]
     fuse_dir = work / "fuse"
-    protected = work / "outputs" / "protected" / "fuse_cifar10"  # ProtectOnFitEnd's out_dir in the config
-    ckpt = work / "outputs" / "fuse_cifar10" / "checkpoints" / "last.ckpt"
+    # ProtectOnFitEnd (no out_dir in the config) and ModelCheckpoint (no dirpath) write under the
+    # stage's --trainer.default_root_dir.
+    protected = fuse_dir / "protected"
+    ckpt = fuse_dir / "checkpoints" / "last.ckpt"
     stages = [
         Stage("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                         str(REPO / "tests")], 150),
@@ -176,7 +178,7 @@ def summarise(stage: Stage, work: Path, log_path: Path) -> dict[str, Any]:
         out["train_img_per_s_best_epoch"] = round(peak)
     manifest = run_dir / "manifest.json"
     if stage.name == "fuse":
-        manifest = run_dir.parent / "outputs" / "protected" / "fuse_cifar10" / "manifest.json"
+        manifest = run_dir / "protected" / "manifest.json"  # ProtectOnFitEnd's <default_root_dir>/protected
     if manifest.is_file():
         info = json.loads(manifest.read_text())
         out["num_images"] = info.get("num_images")

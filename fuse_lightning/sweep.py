@@ -4,8 +4,11 @@ A sweep file (`configs/sweeps/*.yaml`, format in docs/evaluation.md) names the m
 one produces its protected training set (`prepare` commands, run once), and a grid over
 method x victim architecture x attacker filter x seed. Every grid point is one victim run
 (`python -m fuse_lightning fit ...`) in its own directory; its final clean test accuracy goes to
-`result.json`. A run whose `result.json` exists is skipped, so a killed sweep resumes where it
-stopped. At the end the results become `results.csv`, `table.md` and plots (`results.py`).
+`result.json`, keyed by a hash of its command (`run_key`). A run whose `result.json` holds the
+key of the command the sweep would run now is skipped, so a killed sweep resumes where it
+stopped, while a run whose settings changed since (victim args, configs, the method's prepare
+commands) runs again; the report leaves such stale results out. Prepared methods are keyed the
+same way (`<method_dir>/prepare.json`). At the end the results become `results.csv`, `table.md` and plots (`results.py`).
 
     fuse sweep configs/sweeps/cifar10_cpu.yaml --data-dir ../shared/data [--dry-run]
 
@@ -16,13 +19,17 @@ Backends: `local` runs one victim at a time on CPU, or one per visible GPU in pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import hashlib
 import itertools
 import json
 import os
 import queue
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -42,13 +49,24 @@ __all__ = [
     "Run",
     "Sweep",
     "SweepError",
+    "SweepInterrupted",
+    "execute",
     "expand_grid",
     "expand_command",
     "load_sweep",
+    "method_is_current",
     "parse_metrics",
+    "portable_command",
+    "prepare_key",
     "prepare_methods",
+    "read_result",
+    "result_is_current",
+    "run_key",
     "run_local",
     "run_victims",
+    "split_results",
+    "stop_children",
+    "stop_children_on_exit",
     "sweep_main",
     "victim_command",
     "write_sweep_report",
@@ -81,6 +99,18 @@ class SweepError(ValueError):
     """A sweep file is invalid, or a sweep cannot run (message names the file and key)."""
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was told to stop (SIGTERM, or a child killed while stopping); nothing is recorded.
+
+    Args:
+        signum: The signal that stopped the sweep.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 @dataclass(frozen=True)
 class Method:
     """How one method's training set is obtained.
@@ -101,8 +131,13 @@ class Method:
 
     @property
     def is_prepared(self) -> bool:
-        """True when the training set exists (always for the clean set)."""
+        """True when the training set exists (always for the clean set); see also `method_is_current`."""
         return self.protected_dir is None or (self.protected_dir / "manifest.json").is_file()
+
+    @property
+    def record_path(self) -> Path | None:
+        """`<method_dir>/prepare.json`: key of the prepare commands that made `protected_dir`."""
+        return self.method_dir / "prepare.json" if self.method_dir is not None and self.prepare else None
 
 
 @dataclass
@@ -439,18 +474,237 @@ def victim_command(sweep: Sweep, run: Run, data_dir: str | os.PathLike) -> list[
 
 
 # --------------------------------------------------------------------------------------------
+# Keys: which finished runs and prepared sets still belong to the sweep's current settings
+# --------------------------------------------------------------------------------------------
+
+
+def portable_command(cmd: Sequence[str]) -> list[str]:
+    """The command with this machine's interpreter path written as `python`.
+
+    Args:
+        cmd: An argument list from `expand_command` or `victim_command`.
+
+    Returns:
+        The same words, except a first word equal to `sys.executable`, so that a key does not
+        change when the same settings run from another environment.
+    """
+    words = [str(w) for w in cmd]
+    if words and words[0] == sys.executable:
+        words[0] = "python"
+    return words
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def prepare_key(sweep: Sweep, method: Method, data_dir: str | os.PathLike) -> str | None:
+    """Hash of a method's prepare commands as they would run now (None without commands).
+
+    Args:
+        sweep: The sweep.
+        method: The method.
+        data_dir: Dataset root (part of the commands).
+
+    Returns:
+        sha256 hex digest of the expanded commands (see `portable_command`), or None.
+    """
+    if not method.prepare:
+        return None
+    values = _placeholder_values(sweep, method, data_dir)
+    return _digest([portable_command(expand_command(words, values)) for words in method.prepare])
+
+
+def run_key(sweep: Sweep, run: Run, data_dir: str | os.PathLike) -> str:
+    """Hash of everything a victim run's result depends on that the sweep controls.
+
+    Args:
+        sweep: The sweep.
+        run: The grid point.
+        data_dir: Dataset root.
+
+    Returns:
+        sha256 hex digest of the victim command (`portable_command`) and of its method's
+        `prepare_key` (a method prepared by other commands makes other training data).
+    """
+    command = portable_command(victim_command(sweep, run, data_dir))
+    return _digest({"command": command, "prepare": prepare_key(sweep, sweep.methods[run.method], data_dir)})
+
+
+def read_result(run: Run) -> dict[str, Any] | None:
+    """The run's `result.json` as a dict, or None when it is missing or unreadable."""
+    try:
+        row = json.loads(run.result_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def result_is_current(sweep: Sweep, run: Run, data_dir: str | os.PathLike | None) -> bool:
+    """Whether the run has a result made by the command the sweep would run for it now.
+
+    Args:
+        sweep: The sweep.
+        run: The grid point.
+        data_dir: Dataset root; None compares with the data directory the result was made with
+            (reports built without `--data-dir`).
+
+    Returns:
+        False for a missing result, a result without `run_key` (written before keys were
+        recorded) and a result whose key differs from `run_key` (stale).
+    """
+    row = read_result(run)
+    if row is None:
+        return False
+    if data_dir is None:
+        data_dir = row.get("data_dir")
+        if data_dir is None:
+            return False
+    return row.get("run_key") == run_key(sweep, run, data_dir)
+
+
+def method_is_current(sweep: Sweep, method: Method, data_dir: str | os.PathLike) -> bool:
+    """Whether a method's training set exists and was made by its current prepare commands.
+
+    Args:
+        sweep: The sweep.
+        method: The method.
+        data_dir: Dataset root.
+
+    Returns:
+        True for the clean set and for a given `protected_dir` without prepare commands that
+        has its manifest; for prepared methods, also `<method_dir>/prepare.json` must hold the
+        current `prepare_key`.
+    """
+    if not method.is_prepared:
+        return False
+    if method.record_path is None:
+        return True
+    try:
+        record = json.loads(method.record_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("key") == prepare_key(sweep, method, data_dir)
+
+
+# --------------------------------------------------------------------------------------------
 # Execution
 # --------------------------------------------------------------------------------------------
 
 
+# Children of `execute` that are still running, and whether the sweep is stopping.
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's process group, wait up to `grace_s`, then SIGKILL it and wait."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+        try:
+            proc.wait(timeout=wait_s)
+            if sig == signal.SIGTERM:
+                # The leader is gone; kill what is left of its group (e.g. dataloader workers).
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def stop_children(grace_s: float = 10.0) -> int:
+    """Stop every running child of `execute` and refuse new ones until `execute` is re-armed.
+
+    Args:
+        grace_s: Seconds each child's process group gets after SIGTERM before SIGKILL.
+
+    Returns:
+        The number of children that were running.
+    """
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        _kill_group(proc, grace_s)
+    return len(children)
+
+
 def execute(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
-    """Run a command with stdout and stderr appended to `log_path`; return its exit code."""
+    """Run a command with stdout and stderr appended to `log_path`; return its exit code.
+
+    The child runs in its own process group (session). If this call is interrupted
+    (KeyboardInterrupt, `SweepInterrupted` from SIGTERM) the group is terminated and waited for
+    before the exception propagates; a child stopped by `stop_children` (another thread was
+    interrupted) raises `SweepInterrupted` instead of returning an exit code, so nothing is
+    recorded for it.
+
+    Args:
+        cmd: Argument list.
+        log_path: Output file (appended).
+        env: Extra environment variables.
+
+    Returns:
+        The child's exit code.
+
+    Raises:
+        SweepInterrupted: The sweep is stopping.
+    """
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc, 10.0)
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
+    return code
+
+
+@contextlib.contextmanager
+def stop_children_on_exit(grace_s: float = 10.0):
+    """Run the body with SIGTERM raising `SweepInterrupted` and every child stopped on the way out.
+
+    Inside, `execute` may start children (the stop flag is cleared on entry and on exit). When
+    the body raises (Ctrl-C, SIGTERM, an error), the running children's process groups are
+    terminated and waited for before the exception propagates. The body must have waited for
+    its worker threads before it ends. SIGTERM is only handled in the main thread.
+
+    Args:
+        grace_s: Seconds between SIGTERM and SIGKILL for each child.
+    """
+
+    def on_term(signum, frame):
+        raise SweepInterrupted(signum)
+
+    _STOPPING.clear()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except BaseException:
+        stop_children(grace_s)
+        raise
+    finally:
+        _STOPPING.clear()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -526,11 +780,17 @@ def execute_run(
         executor: Runs the command; replaceable in tests.
 
     Returns:
-        The result row; on failure `{"run_id", "error", "log"}` and a `failed.json` in the run
-        directory (removed by the next successful attempt).
+        The result row (with `run_key` and `data_dir`, see `result_is_current`); on failure
+        `{"run_id", "error", "log"}` and a `failed.json` in the run directory (removed by the
+        next successful attempt). A stale `result.json` is removed before the command starts.
     """
     cmd = victim_command(sweep, run, data_dir) + list(extra_args)
+    key = run_key(sweep, run, data_dir)
     run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.result_path.exists():
+        # A result of other settings (stale): it and its checkpoints do not belong to this run.
+        run.result_path.unlink()
+        _remove_checkpoints(run.run_dir)
     metrics = run.run_dir / "metrics.csv"
     if metrics.exists():
         metrics.unlink()  # a stale file from a killed attempt must not be read as this run's
@@ -561,6 +821,8 @@ def execute_run(
         "num_classes": _num_classes(run.run_dir),
         "wall_s": round(wall, 1),
         "protected_dir": str(method.protected_dir) if method.protected_dir else None,
+        "data_dir": str(data_dir),
+        "run_key": key,
         "command": shlex.join(cmd),
     }
     R.atomic_write_text(run.result_path, json.dumps(row, indent=2))
@@ -578,10 +840,13 @@ def prepare_methods(
     dry_run: bool = False,
     log: Callable[[str], None] = print,
 ) -> list[str]:
-    """Create the protected training sets that do not exist yet, one method after another.
+    """Create the protected training sets that are missing or stale, one method after another.
 
-    A method is skipped when `<protected_dir>/manifest.json` exists. Its commands run in order
-    with output in `<method_dir>/prepare.log`; the first failing command stops that method.
+    A method is skipped when `method_is_current` (its manifest exists and `<method_dir>/
+    prepare.json` holds the key of the current commands). Otherwise an existing protected set
+    is moved aside to `<protected_dir>.stale` (replacing an older one) and the commands run in
+    order with output in `<method_dir>/prepare.log`; the first failing command stops that
+    method. After success the commands' key is written to `prepare.json`.
 
     Args:
         sweep: The sweep.
@@ -597,7 +862,7 @@ def prepare_methods(
     failed = []
     for name in method_names:
         method = sweep.methods[name]
-        if method.is_prepared:
+        if method_is_current(sweep, method, data_dir):
             continue
         if not method.prepare:
             log(f"[prepare] {name}: {method.protected_dir} has no manifest.json and the method has no prepare commands")
@@ -605,6 +870,8 @@ def prepare_methods(
             continue
         values = _placeholder_values(sweep, method, data_dir)
         log_path = Path(method.method_dir) / "prepare.log"
+        if not dry_run:
+            _set_aside(method, log)
         for words in method.prepare:
             cmd = expand_command(words, values)
             if dry_run:
@@ -623,7 +890,26 @@ def prepare_methods(
             if not dry_run and not method.is_prepared:
                 log(f"[prepare] {name}: commands succeeded but {method.protected_dir}/manifest.json is missing")
                 failed.append(name)
+            elif not dry_run:
+                commands = [portable_command(expand_command(w, values)) for w in method.prepare]
+                record = {"key": prepare_key(sweep, method, data_dir), "commands": commands}
+                R.atomic_write_text(method.record_path, json.dumps(record, indent=2))
     return failed
+
+
+def _set_aside(method: Method, log: Callable[[str], None]) -> None:
+    """Before preparing: forget the old key, move an old protected set to `<protected_dir>.stale`."""
+    if method.record_path is not None:
+        method.record_path.unlink(missing_ok=True)
+    old = method.protected_dir
+    if old is None or not old.exists():
+        return
+    aside = old.with_name(old.name + ".stale")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(old, aside)
+    log(f"[prepare] {method.name}: {old} was made by other prepare commands (or before they were "
+        f"recorded); moved to {aside}, preparing again")
 
 
 def visible_gpus() -> list[str]:
@@ -645,6 +931,7 @@ class RunSummary:
     finished: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
     skipped: int = 0
+    stale: int = 0
 
 
 def run_victims(
@@ -656,7 +943,7 @@ def run_victims(
     executor: Executor = execute,
     log: Callable[[str], None] | None = None,
 ) -> RunSummary:
-    """Run the victims that have no `result.json` yet.
+    """Run the victims without a current result (missing, or stale: see `result_is_current`).
 
     Without GPUs the runs go one after another; with N GPUs, N at a time, each pinned to one
     device via `CUDA_VISIBLE_DEVICES` and `--trainer.accelerator gpu --trainer.devices 1`.
@@ -671,13 +958,15 @@ def run_victims(
         log: Progress output (defaults to the progress bar's `write`).
 
     Returns:
-        Finished rows, failures and the number of runs skipped because they were done.
+        Finished rows, failures, the number of runs skipped because they were done and the
+        number of pending runs that had a stale result.
     """
     from tqdm.auto import tqdm
 
     summary = RunSummary()
-    pending = [r for r in runs if not r.result_path.is_file()]
+    pending = [r for r in runs if not result_is_current(sweep, r, data_dir)]
     summary.skipped = len(runs) - len(pending)
+    summary.stale = sum(r.result_path.is_file() for r in pending)
     if max_runs is not None:
         pending = pending[:max_runs]
     if not pending:
@@ -711,10 +1000,17 @@ def run_victims(
                 out(f"[{i}/{len(pending)}] {run.run_id}{where}  val/acc {100 * row['val_acc']:.2f}%  {took:.0f}s")
             bar.update(1)
 
-    with ThreadPoolExecutor(max_workers=max(1, len(gpus))) as pool:
-        for future in [pool.submit(work, r) for r in pending]:
-            future.result()
-    bar.close()
+    pool = ThreadPoolExecutor(max_workers=max(1, len(gpus)))
+    with stop_children_on_exit():
+        try:
+            for future in [pool.submit(work, r) for r in pending]:
+                future.result()
+        except BaseException:
+            stop_children()  # before waiting for the workers: they wait for their children
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # queued runs are dropped
+            bar.close()
     return summary
 
 
@@ -723,20 +1019,59 @@ def run_victims(
 # --------------------------------------------------------------------------------------------
 
 
-def sweep_rows(sweep: Sweep) -> list[dict[str, Any]]:
-    """Results of the sweep's grid points that have finished, in grid order."""
-    return R.read_results(r.result_path for r in expand_grid(sweep))
+def split_results(
+    sweep: Sweep, data_dir: str | os.PathLike | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Current results of the sweep's grid points, in grid order, and the ids of stale ones.
+
+    Args:
+        sweep: The sweep.
+        data_dir: Dataset root the runs should have used; None accepts the one each result
+            records (see `result_is_current`).
+
+    Returns:
+        (rows of current results, run ids whose `result.json` exists but is stale).
+    """
+    rows, stale = [], []
+    for run in expand_grid(sweep):
+        if result_is_current(sweep, run, data_dir):
+            rows.append(read_result(run))
+        elif run.result_path.is_file():
+            stale.append(run.run_id)
+    return rows, stale
 
 
-def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """Write results.csv, table.md and plots of the finished runs into `sweep.results_dir`."""
-    rows = sweep_rows(sweep)
+def sweep_rows(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Current results of the sweep's grid points, in grid order (stale ones left out)."""
+    return split_results(sweep, data_dir)[0]
+
+
+def write_sweep_report(
+    sweep: Sweep, log: Callable[[str], None] = print, data_dir: str | os.PathLike | None = None
+) -> dict[str, Path]:
+    """Write results.csv, table.md and plots of the current results into `sweep.results_dir`.
+
+    Args:
+        sweep: The sweep.
+        log: Progress output.
+        data_dir: Dataset root for `result_is_current` (None: each result's own).
+
+    Returns:
+        The written files by kind (see `results.write_report`).
+    """
+    rows, stale = split_results(sweep, data_dir)
+    if stale:
+        log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed "
+            f"since they ran; rerun the sweep to replace them): {', '.join(stale[:5])}"
+            + (" ..." if len(stale) > 5 else ""))
     seeds = sorted({r["seed"] for r in rows})
     notes = (sweep.description.strip() + "\n\n" if sweep.description else "") + (
         "Clean test accuracy (%) of victims trained on each method's training set after the "
         "attacker's filter (columns), at the final epoch; "
         + (f"mean ± std over seeds {seeds}." if len(seeds) > 1 else f"seed {seeds[0] if seeds else '-'}.")
-        + f" {len(rows)} of {len(expand_grid(sweep))} runs finished. Sweep file: `{sweep.path}`."
+        + f" {len(rows)} of {len(expand_grid(sweep))} runs finished"
+        + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
+        + f". Sweep file: `{sweep.path}`."
     )
     return R.write_report(
         rows, sweep.results_dir, f"{sweep.name}", notes,
@@ -796,8 +1131,8 @@ def _wandb_run_one(sweep: Sweep, data_dir: str, wandb: Any) -> None:
     if prepare_methods(sweep, [run.method], data_dir):
         run_wandb.finish(exit_code=1)
         return
-    if run.result_path.is_file():
-        row = json.loads(run.result_path.read_text())
+    if result_is_current(sweep, run, data_dir):
+        row = read_result(run)
     else:
         gpus = visible_gpus()[:1]
         extra = ["--trainer.accelerator", "gpu", "--trainer.devices", "1"] if gpus else []
@@ -835,8 +1170,8 @@ def run_wandb_backend(sweep: Sweep, data_dir: str, max_runs: int | None, agent_r
         return 1
     wandb.agent(sweep_id, function=lambda: _wandb_run_one(sweep, data_dir, wandb),
                 project=project, entity=entity, count=max_runs)
-    written = write_sweep_report(sweep)
-    rows = sweep_rows(sweep)
+    written = write_sweep_report(sweep, data_dir=data_dir)
+    rows = sweep_rows(sweep, data_dir)
     summary = wandb.init(project=project, entity=entity, group=sweep.name, job_type="summary",
                          name=f"{sweep.name}-summary")
     columns = [c for c in R.RESULT_FIELDS if c != "command"]
@@ -862,8 +1197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("sweep", help="sweep file, e.g. configs/sweeps/cifar10_cpu.yaml")
     parser.add_argument(
         "--data-dir",
-        default=os.environ.get("FUSE_DATA_DIR", "data"),
-        help="dataset root (parent of cifar-10-batches-py); default $FUSE_DATA_DIR or 'data'",
+        default=None,
+        help="dataset root (parent of cifar-10-batches-py); default $FUSE_DATA_DIR or 'data' "
+        "(with --report-only: the one each result was made with)",
     )
     parser.add_argument("--backend", choices=("local", "wandb"), default="local",
                         help="local: here, one run per GPU (or one at a time on CPU); "
@@ -903,7 +1239,10 @@ def run_local(
         prepare_methods(sweep, methods, data_dir, dry_run=True)
         if not only_prepare:
             for run in runs:
-                status = "done " if run.result_path.is_file() else ""
+                if result_is_current(sweep, run, data_dir):
+                    status = "done "
+                else:
+                    status = "stale " if run.result_path.is_file() else ""
                 print(f"# {status}{run.run_id}\n{shlex.join(victim_command(sweep, run, data_dir))}")
         return 0
     failed_methods = prepare_methods(sweep, methods, data_dir)
@@ -911,18 +1250,19 @@ def run_local(
         return 1 if failed_methods else 0
     runnable = [r for r in runs if r.method not in failed_methods]
     gpus = visible_gpus()
-    done = sum(r.result_path.is_file() for r in runs)
+    done = sum(result_is_current(sweep, r, data_dir) for r in runs)
     print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
           + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
     summary = run_victims(sweep, runnable, data_dir, gpus, max_runs)
-    write_sweep_report(sweep)
+    write_sweep_report(sweep, data_dir=data_dir)
     table = (sweep.results_dir / "table.md")
     if table.is_file():
         print(table.read_text())
     problems = [f"prepare failed: {m} (log {sweep.methods[m].method_dir}/prepare.log)" for m in failed_methods]
     problems += [f"run failed: {f['run_id']} ({f['error']}; log {f['log']})" for f in summary.failed]
     blocked = len(runs) - len(runnable)
-    print(f"{sweep.name}: {len(summary.finished)} finished, {summary.skipped} skipped (done before), "
+    print(f"{sweep.name}: {len(summary.finished)} finished ({summary.stale} of them replaced stale "
+          f"results), {summary.skipped} skipped (done before), "
           f"{len(summary.failed)} failed, {blocked} blocked by a failed prepare")
     for p in problems:
         print(f"  {p}", file=sys.stderr)
@@ -930,13 +1270,29 @@ def run_local(
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `fuse sweep` (see `build_parser`); returns the exit status."""
+    """Entry point of `fuse sweep` (see `build_parser`); returns the exit status.
+
+    Ctrl-C or SIGTERM stops the running victims and prepare commands (their whole process
+    groups) and returns 128 + the signal number; finished runs stay, rerunning resumes.
+    """
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        with stop_children_on_exit():
+            return _sweep_main(args)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"fuse sweep: stopped by {signal.Signals(signum).name}; running children were "
+              "stopped, finished runs are kept; rerun the same command to resume", file=sys.stderr)
+        return 128 + int(signum)
+
+
+def _sweep_main(args: argparse.Namespace) -> int:
     try:
         sweep = load_sweep(args.sweep)
         if args.report_only:
-            write_sweep_report(sweep)
+            write_sweep_report(sweep, data_dir=args.data_dir)
             return 0
+        data_dir = args.data_dir or os.environ.get("FUSE_DATA_DIR", "data")
         missing = missing_files(sweep)
         if missing:
             raise SweepError(f"{sweep.path}: victim_configs: file(s) not found: {missing}")
@@ -944,8 +1300,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             if args.dry_run:
                 print(yaml.safe_dump(wandb_sweep_config(sweep), sort_keys=False))
                 return 0
-            return run_wandb_backend(sweep, args.data_dir, args.max_runs, args.agent_run)
-        return run_local(sweep, args.data_dir, args.dry_run, args.only_prepare, args.max_runs)
+            return run_wandb_backend(sweep, data_dir, args.max_runs, args.agent_run)
+        return run_local(sweep, data_dir, args.dry_run, args.only_prepare, args.max_runs)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

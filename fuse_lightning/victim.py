@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable, Sequence
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from fuse_lightning.nets.normalized import CIFAR10_MEAN, CIFAR10_STD, Normalize, classifier_with_normalization
+from fuse_lightning.nets.normalized import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    classifier_with_normalization,
+)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 

@@ -256,3 +256,65 @@ def test_cli_em_config_file_with_overrides(cifar_root, tmp_path):
     assert manifest["method"] == "em_classwise"
     assert manifest["method_args"]["arch"] == "fastnet"
     assert manifest["method_args"]["device"] == "cpu"
+
+
+class Killed(Exception):
+    """Stands in for a kill between two EM rounds."""
+
+
+def test_em_resumes_after_a_kill_with_the_same_noise(cifar_root, tmp_path, monkeypatch):
+    """Killed after round 1 and rerun: rounds 2-3 run from the saved state, the noise is identical."""
+    from fuse_lightning.baselines.em import load_state
+
+    rounds_run: list[int] = []
+    kill_after: list[int] = []
+
+    def hook(self, round_, record):
+        rounds_run.append(round_)
+        if round_ in kill_after:
+            kill_after.remove(round_)
+            raise Killed
+
+    monkeypatch.setattr(ErrorMinimizingNoise, "_on_round_end", hook)
+    reference = tiny_em(max_rounds=3, augment=True)
+    reference.protect(datamodule(cifar_root), tmp_path / "ref", progress=False)
+    assert rounds_run == [1, 2, 3] and not (tmp_path / "ref.em-state.pt").exists()
+
+    rounds_run.clear()
+    kill_after.append(1)
+    with pytest.raises(Killed):
+        tiny_em(max_rounds=3, augment=True).protect(datamodule(cifar_root), tmp_path / "run", progress=False)
+    state_file = tmp_path / "run.em-state.pt"
+    state = load_state(state_file)  # weights-only
+    assert state["round"] == 1 and not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".run.em-state.pt.tmp*"))
+
+    rerun = tiny_em(max_rounds=3, augment=True)
+    out = rerun.protect(datamodule(cifar_root), tmp_path / "run", progress=False)
+    assert rounds_run == [1, 2, 3]  # round 1 once, then 2 and 3 after the resume
+    assert rerun.fit_info["resumed_after_round"] == 1
+    # Tolerance: none. On CPU the resumed run is bitwise identical to the uninterrupted one.
+    assert torch.equal(rerun.delta, reference.delta)
+    assert [h["perturbed_acc"] for h in rerun.fit_info["history"]] == \
+        [h["perturbed_acc"] for h in reference.fit_info["history"]]
+    assert torch.equal(read_cifar(out, "cifar10", "train")[0], read_cifar(tmp_path / "ref", "cifar10", "train")[0])
+    assert not state_file.exists()  # deleted after the export
+
+
+def test_em_state_of_other_settings_is_not_resumed(cifar_root, tmp_path, monkeypatch):
+    rounds_run: list[int] = []
+
+    def hook(self, round_, record):
+        rounds_run.append(round_)
+        if round_ == 1 and self.pgd_steps == 3:
+            raise Killed
+
+    monkeypatch.setattr(ErrorMinimizingNoise, "_on_round_end", hook)
+    with pytest.raises(Killed):
+        tiny_em(max_rounds=2).protect(datamodule(cifar_root), tmp_path / "x", progress=False,
+                                      state_dir=tmp_path / "states")
+    assert (tmp_path / "states" / "x.em-state.pt").is_file()
+    method = tiny_em(max_rounds=2, pgd_steps=2)
+    method.protect(datamodule(cifar_root), tmp_path / "x", progress=False, state_dir=tmp_path / "states")
+    assert rounds_run == [1, 1, 2] and method.fit_info["resumed_after_round"] == 0
+    assert not (tmp_path / "states" / "x.em-state.pt").exists()

@@ -218,3 +218,22 @@ def test_imagenet_subset_export_streams_png_tree_in_budget(tiny_imagenet: Path, 
     protected.setup("fit")
     images, labels = next(iter(protected.train_dataloader()))[:2]
     assert images.shape[1:] == (3, 32, 32) and set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_protect_on_fit_end_exports_into_the_run_by_default(tiny_cifar10, tmp_path, monkeypatch):
+    """The shipped configs leave out_dir unset: the export lands in <default_root_dir>/protected."""
+    from fuse_lightning.callbacks import export_dir
+
+    assert export_dir(None, "runs/a") == Path("runs/a/protected")
+    assert export_dir("elsewhere", "runs/a") == Path("elsewhere")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run_a"
+    assert main(["fit", "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml"),
+                 "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+                 "--data.train_subset", "null", "--data.test_subset", "null", "--data.download", "false",
+                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                 "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(run)]) == 0
+    verify_manifest(run / "protected")
+    assert (run / "checkpoints" / "last.ckpt").is_file()  # where gpu_check's protect stage looks
+    assert not (tmp_path / "outputs" / "protected").exists()

@@ -10,7 +10,14 @@ import torch
 from PIL import Image
 
 from fuse_lightning.fuse_module import FUSEModule
-from fuse_lightning.images import ImageModeError, output_name, perturb_tiled, read_image, source_name, tile_slices
+from fuse_lightning.images import (
+    ImageModeError,
+    output_name,
+    perturb_tiled,
+    read_image,
+    source_name,
+    tile_slices,
+)
 from fuse_lightning.manifest import verify_manifest
 from fuse_lightning.protect import protect_folder
 

@@ -182,7 +182,8 @@ def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep):
     runs = [r for r in S.expand_grid(basic) if r.method == "clean" and r.arch == "fastnet"]
     done = runs[0]
     done.run_dir.mkdir(parents=True)
-    done.result_path.write_text(json.dumps({"run_id": done.run_id, "val_acc": 0.9}))
+    done.result_path.write_text(json.dumps({"run_id": done.run_id, "val_acc": 0.9,
+                                            "run_key": S.run_key(basic, done, "/data")}))
     executor = FakeExecutor(fail={runs[1].run_id})
     summary = S.run_victims(basic, runs, "/data", executor=executor, log=lambda s: None)
     executed = [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in executor.calls]
@@ -221,8 +222,90 @@ def test_prepare_skips_existing_sets_and_reports_failures(basic: S.Sweep):
     protected = basic.methods["noise"].protected_dir
     protected.mkdir(parents=True)
     (protected / "manifest.json").write_text("{}")
+    record = {"key": S.prepare_key(basic, basic.methods["noise"], "/d")}
+    R.atomic_write_text(basic.methods["noise"].record_path, json.dumps(record))
     assert S.prepare_methods(basic, ["clean", "noise"], "/d", executor, log=lambda s: None) == []
     assert len(calls) == 1
+
+
+def fake_prepare(calls: list):
+    """A prepare executor that writes the protected set's manifest where the command says."""
+
+    def executor(cmd, log_path, env):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps({"cmd": cmd}))
+        return 0
+
+    return executor
+
+
+def test_changed_settings_rerun_stale_runs_and_methods(tmp_path: Path, capsys):
+    """Unchanged settings skip finished work; changed victim_args or prepare commands redo it."""
+    path = write_sweep(tmp_path, BASIC.format(tmp=tmp_path))
+    sweep = S.load_sweep(path)
+    runs = [r for r in S.expand_grid(sweep) if r.arch == "fastnet" and r.filter == "none" and r.seed == 0]
+    assert [r.method for r in runs] == ["noise", "clean"]
+    prepared: list = []
+    assert S.prepare_methods(sweep, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
+    executor = FakeExecutor()
+    S.run_victims(sweep, runs, "/d", executor=executor, log=lambda s: None)
+    assert len(executor.calls) == 2 and all(S.result_is_current(sweep, r, "/d") for r in runs)
+    record = json.loads(sweep.methods["noise"].record_path.read_text())
+    assert record["commands"][0][0] == "python"  # the interpreter path is not part of the key
+
+    # Same settings: nothing is prepared or run again.
+    again = FakeExecutor()
+    assert S.prepare_methods(sweep, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
+    summary = S.run_victims(sweep, runs, "/d", executor=again, log=lambda s: None)
+    assert len(prepared) == 1 and again.calls == [] and summary.skipped == 2
+    assert [r["run_id"] for r in S.sweep_rows(sweep, "/d")] == [r.run_id for r in runs]
+
+    # Other victim_args: both results are stale; the report leaves them out and says so.
+    path.write_text(BASIC.format(tmp=tmp_path).replace('"--trainer.max_epochs", "1"', '"--trainer.max_epochs", "2"'))
+    changed = S.load_sweep(path)
+    assert not any(S.result_is_current(changed, r, "/d") for r in runs)
+    rows, stale = S.split_results(changed, "/d")
+    assert rows == [] and stale == [r.run_id for r in runs]
+    S.write_sweep_report(changed, log=print, data_dir="/d")
+    assert "2 stale result(s) left out" in capsys.readouterr().out
+    rerun = FakeExecutor()
+    summary = S.run_victims(changed, runs, "/d", executor=rerun, log=lambda s: None)
+    assert len(rerun.calls) == 2 and summary.stale == 2 and summary.skipped == 0
+    assert "--trainer.max_epochs" in rerun.calls[0] and "2" in rerun.calls[0]
+    assert all(S.result_is_current(changed, r, "/d") for r in runs)
+    assert not S.result_is_current(sweep, runs[0], "/d")  # the old settings' result is gone
+    # Without a data dir the report compares with the one each result recorded.
+    assert len(S.sweep_rows(changed)) == 2 and S.sweep_rows(changed, "/elsewhere") == []
+
+    # Other prepare commands: the method is prepared again (old set moved aside) and its runs
+    # are stale although their victim command is the same; the clean run stays done.
+    path.write_text(BASIC.format(tmp=tmp_path).replace('"--trainer.max_epochs", "1"', '"--trainer.max_epochs", "2"')
+                    .replace("--log,", "--verbose, --log,"))
+    reprepared = S.load_sweep(path)
+    noise_run, clean_run = runs
+    assert S.victim_command(reprepared, noise_run, "/d") == S.victim_command(changed, noise_run, "/d")
+    assert not S.method_is_current(reprepared, reprepared.methods["noise"], "/d")
+    assert not S.result_is_current(reprepared, noise_run, "/d")
+    assert S.result_is_current(reprepared, clean_run, "/d")
+    assert S.prepare_methods(reprepared, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
+    assert len(prepared) == 2 and "--verbose" in prepared[-1]
+    protected = reprepared.methods["noise"].protected_dir
+    assert (protected.with_name(protected.name + ".stale") / "manifest.json").is_file()
+    assert S.method_is_current(reprepared, reprepared.methods["noise"], "/d")
+    last = FakeExecutor()
+    S.run_victims(reprepared, runs, "/d", executor=last, log=lambda s: None)
+    assert [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in last.calls] == [noise_run.run_id]
+
+
+def test_results_without_a_key_are_stale(basic: S.Sweep):
+    run = S.expand_grid(basic)[0]
+    run.run_dir.mkdir(parents=True)
+    run.result_path.write_text(json.dumps({"run_id": run.run_id, "val_acc": 0.5, "data_dir": "/d"}))
+    assert not S.result_is_current(basic, run, "/d") and not S.result_is_current(basic, run, None)
+    run.result_path.write_text("{not json")
+    assert S.read_result(run) is None and S.split_results(basic, "/d") == ([], [run.run_id])
 
 
 def test_parse_metrics_last_and_best(tmp_path: Path):
@@ -423,3 +506,112 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
         else:
             raise AssertionError(f"unexpected command {cmd}")
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------ stopping
+
+# A stand-in for a victim: starts a grandchild (like a dataloader worker), writes both pids to
+# `<dir>/child.pid` and sleeps.
+SLEEPER = """
+import os, subprocess, sys, time
+from pathlib import Path
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+target = Path(sys.argv[1]) / "child.pid"
+target.parent.mkdir(parents=True, exist_ok=True)
+target.with_suffix(".tmp").write_text(f"{os.getpid()} {grandchild.pid}")
+os.replace(target.with_suffix(".tmp"), target)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (an unreaped exit counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_for(paths: list[Path], timeout_s: float = 60.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not all(p.is_file() for p in paths):
+        assert time.monotonic() < deadline, f"children did not start: {paths}"
+        time.sleep(0.05)
+    return [int(x) for p in paths for x in p.read_text().split()]
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_sigterm_to_the_sweep_stops_its_children(tmp_path: Path):
+    """SIGTERM to `fuse sweep` kills the running prepare command's whole process group."""
+    import signal
+    import subprocess
+
+    path = write_sweep(tmp_path, f"""
+name: stop
+results_dir: {tmp_path}/results
+work_dir: {tmp_path}/work
+victim_configs: [configs/victim_cifar10.yaml]
+methods:
+  slow:
+    prepare: [[python, -c, {json.dumps(SLEEPER)}, "{{method_dir}}"]]
+grid: {{method: [slow], arch: [fastnet]}}
+""")
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from fuse_lightning.sweep import sweep_main; "
+         "sys.exit(sweep_main(sys.argv[1:]))", str(path), "--data-dir", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        pids = wait_for([tmp_path / "work" / "methods" / "slow" / "child.pid"])
+        assert all(alive(p) for p in pids)
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=30)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err
+    assert wait_gone(pids) == []
+    assert not (tmp_path / "work" / "methods" / "slow" / "prepare.json").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monkeypatch):
+    """Ctrl-C while two victims run (two 'GPUs'): both process groups die, no result is written."""
+    import os
+    import signal
+    import threading
+
+    runs = S.expand_grid(basic)[:3]
+    monkeypatch.setattr(S, "victim_command", lambda sweep, run, data_dir: [sys.executable, "-c", SLEEPER, str(run.run_dir)])
+    pid_files = [r.run_dir / "child.pid" for r in runs[:2]]
+    found: list[int] = []
+
+    def interrupt() -> None:
+        found.extend(wait_for(pid_files))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt, daemon=True)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        S.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=S.execute, log=lambda s: None)
+    timer.join(5)
+    assert len(found) == 4  # two children, two grandchildren
+    assert wait_gone(found) == []
+    for run in runs:
+        assert not run.result_path.exists() and not (run.run_dir / "failed.json").exists()
+    assert not (runs[2].run_dir / "child.pid").exists()  # the queued run never started
+    # The stop is over: the next sweep in this process starts children again.
+    assert S.execute([sys.executable, "-c", "pass"], runs[2].run_dir / "after.log") == 0

@@ -80,6 +80,8 @@ class Perturbation:
         self.seed = seed
         # Filled by `fit` with what happened (e.g. EM's per-round accuracy); goes to the manifest.
         self.fit_info: dict[str, Any] = {}
+        # Where `fit` keeps its resumable state (set by `protect` from `state_path`; None: none).
+        self.state_file: Path | None = None
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments of this instance, read back from its attributes."""
@@ -92,6 +94,18 @@ class Perturbation:
 
     def fit(self, datamodule) -> None:
         """Prepare the method on a DataModule's training set (no-op by default)."""
+
+    def state_path(self, out_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None) -> Path | None:
+        """File in which `fit` keeps a resumable state for an export to `out_dir`.
+
+        Args:
+            out_dir: The export destination.
+            state_dir: Directory for the state file (default: beside `out_dir`).
+
+        Returns:
+            None: methods whose `fit` is quick keep no state (EM overrides this).
+        """
+        return None
 
     def perturb_fn(
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
@@ -127,8 +141,12 @@ class Perturbation:
         batch_size: int | None = None,
         progress: bool = True,
         extra_manifest: dict[str, Any] | None = None,
+        state_dir: str | os.PathLike | None = None,
     ) -> Path:
         """Fit, then write the protected training set with its manifest.
+
+        A method with a resumable `fit` (see `state_path`) continues from the state a killed
+        call with the same destination left behind; the state file is deleted after the export.
 
         Args:
             datamodule: A project DataModule (e.g. `CIFAR10DataModule`).
@@ -138,6 +156,7 @@ class Perturbation:
             batch_size: Export batch size (default: the DataModule's eval batch size).
             progress: Show progress bars.
             extra_manifest: More manifest entries (e.g. the resolved CLI config).
+            state_dir: Directory of the resumable state (default: beside `out_dir`).
 
         Returns:
             The output directory.
@@ -146,8 +165,9 @@ class Perturbation:
         if final.exists() and not overwrite:  # fail before a possibly long fit
             raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
         datamodule.setup("fit")
+        self.state_file = self.state_path(final, state_dir)
         self.fit(datamodule)
-        return protect_dataset(
+        path = protect_dataset(
             datamodule,
             self.perturb_fn,
             final,
@@ -158,6 +178,9 @@ class Perturbation:
             batch_size=batch_size,
             progress=progress,
         )
+        if self.state_file is not None:
+            self.state_file.unlink(missing_ok=True)
+        return path
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -51,6 +51,11 @@ def build_parser() -> ArgumentParser:
         help="Export batch size (default: the DataModule's eval batch size).",
     )
     parser.add_argument(
+        "--state_dir", type=str | None, default=None,
+        help="Where a resumable method (EM) keeps its state after each round; rerunning the same "
+        "command after a kill continues from there. Default: beside --out (<out>.em-state.pt).",
+    )
+    parser.add_argument(
         "--progress", action=ActionYesNo, default=True,
         help="Show progress bars (--no_progress also silences the method's own bars).",
     )
@@ -90,6 +95,7 @@ def baseline_main(argv: list[str]) -> int:
             batch_size=cfg.batch_size,
             progress=cfg.progress,
             extra_manifest={"config": config},
+            state_dir=cfg.state_dir,
         )
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"fuse baseline: error: {exc}", file=sys.stderr)

@@ -8,11 +8,20 @@ training data is as easy as possible: alternately train the surrogate a few batc
 then update delta by projected signed-gradient descent that *minimises* the cross-entropy,
 until the surrogate classifies the perturbed training data almost perfectly. The noise becomes a
 shortcut a victim learns instead of the image content.
+
+The rounds are resumable: after each one the noise, the surrogate, its optimiser, the data order
+and the RNG states go to a state file (`ErrorMinimizingNoise.state_path`, written atomically), so
+the same command rerun after a kill continues after the last finished round and ends with the
+same noise as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +31,55 @@ from tqdm.auto import tqdm
 from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
 from fuse_lightning.nets.normalized import classifier_with_normalization
 
-__all__ = ["ErrorMinimizingNoise", "pgd_min_classwise", "pgd_min_samplewise"]
+__all__ = ["ErrorMinimizingNoise", "load_state", "pgd_min_classwise", "pgd_min_samplewise", "save_state"]
+
+# Constructor arguments that do not change the result (a state saved with others still fits).
+_STATE_NEUTRAL = ("device", "progress")
+
+
+def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a state dict with `torch.save` to a temporary sibling, then rename it into place.
+
+    Args:
+        state: Tensors, numbers, strings, lists and dicts only (loadable with weights_only).
+        path: Destination.
+
+    Returns:
+        The destination; a kill during the write leaves the previous state intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state written by `save_state`, weights-only (no code runs from the file).
+
+    Raises:
+        RuntimeError: The file is not a readable weights-only state (message names it).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        raise RuntimeError(f"{path}: not a readable EM state ({type(exc).__name__}: {exc}); "
+                           "delete it to start over") from None
+
+
+def data_fingerprint(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> str:
+    """sha256 of the fit set (images, labels, positions): a state only resumes on the same data."""
+    digest = hashlib.sha256()
+    for t in (images, labels, indices):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -269,9 +326,21 @@ class ErrorMinimizingNoise(Perturbation):
             optimizer = torch.optim.SGD(
                 model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
-            history = []
+            history: list[dict[str, float]] = []
             order, cursor = torch.randperm(n, generator=gen), 0
-            for round_ in range(1, self.max_rounds + 1):
+            fingerprint = data_fingerprint(images, labels, indices) if self.state_file else ""
+            resumed = self._resume(fingerprint, model, optimizer, gen, dev)
+            if resumed is not None:
+                history, order, cursor = resumed
+            resumed_after = len(history)
+            done = bool(history and history[-1]["perturbed_acc"] >= self.stop_accuracy)
+            rounds = tqdm(
+                total=self.max_rounds, initial=len(history), desc=f"{self.name} rounds",
+                unit="round", disable=not self.progress, dynamic_ncols=True,
+            )
+            for round_ in range(len(history) + 1, self.max_rounds + 1):
+                if done:
+                    break
                 # 1) train the surrogate a few batches on the current perturbed data
                 model.train()
                 train_loss = 0.0
@@ -315,21 +384,89 @@ class ErrorMinimizingNoise(Perturbation):
                 history.append(
                     {"round": round_, "train_loss": train_loss, "perturbed_acc": acc, "perturbed_loss": loss_p}
                 )
-                print(
+                done = acc >= self.stop_accuracy
+                if self.state_file is not None:
+                    save_state(self._state(fingerprint, model, optimizer, gen, dev, history, order, cursor),
+                               self.state_file)
+                rounds.update(1)
+                rounds.set_postfix(acc=f"{acc:.4f}", loss=f"{loss_p:.4f}")
+                tqdm.write(
                     f"[{self.name}] round {round_}/{self.max_rounds}: surrogate train loss "
                     f"{train_loss:.4f}, accuracy on perturbed training data {acc:.4f} "
-                    f"(loss {loss_p:.4f})",
-                    flush=True,
+                    f"(loss {loss_p:.4f})" + (f"; state saved to {self.state_file}" if self.state_file else ""),
                 )
-                if acc >= self.stop_accuracy:
-                    break
+                self._on_round_end(round_, history[-1])
+            rounds.close()
         model.eval()
         self.fit_info = {
             "rounds": len(history),
             "converged": bool(history and history[-1]["perturbed_acc"] >= self.stop_accuracy),
             "fit_images": n,
+            "resumed_after_round": resumed_after,
             "history": history,
         }
+
+    # ------------------------------------------------------------------ resumable state
+    def state_path(self, out_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None) -> Path:
+        """`<out_dir>.em-state.pt`, or `<state_dir>/<out_dir name>.em-state.pt`.
+
+        Args:
+            out_dir: The export destination.
+            state_dir: Directory for the state file (default: the parent of `out_dir`).
+
+        Returns:
+            The state file of an export to `out_dir`.
+        """
+        out_dir = Path(out_dir)
+        return Path(state_dir if state_dir is not None else out_dir.parent) / f"{out_dir.name}.em-state.pt"
+
+    def _settings(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config().items() if k not in _STATE_NEUTRAL}
+
+    def _state(self, fingerprint, model, optimizer, gen, dev, history, order, cursor) -> dict[str, Any]:
+        """Everything the next round depends on, as weights-only-loadable data."""
+        return {
+            "settings": self._settings(),
+            "data": fingerprint,
+            "round": len(history),
+            "history": history,
+            "delta": self.delta.detach().cpu(),
+            "surrogate": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "order": order.cpu(),
+            "cursor": cursor,
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+        }
+
+    def _resume(self, fingerprint, model, optimizer, gen, dev):
+        """Load `self.state_file` into the surrogate, optimiser, noise and RNGs.
+
+        Returns:
+            (history, order, cursor) of the saved state, or None when there is no state file
+            or it belongs to other settings or data (then the run starts from round 1 and the
+            file is overwritten after it).
+        """
+        if self.state_file is None or not Path(self.state_file).is_file():
+            return None
+        state = load_state(self.state_file)
+        if state.get("settings") != self._settings() or state.get("data") != fingerprint:
+            tqdm.write(f"[{self.name}] {self.state_file} was saved with other settings or data; starting over")
+            return None
+        model.load_state_dict(state["surrogate"])
+        optimizer.load_state_dict(state["optimizer"])
+        self.delta = state["delta"].to(dev)
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], dev)
+        history = [dict(h) for h in state["history"]]
+        tqdm.write(f"[{self.name}] resuming from {self.state_file} after round {state['round']}")
+        return history, state["order"], int(state["cursor"])
+
+    def _on_round_end(self, round_: int, record: dict[str, float]) -> None:
+        """Called after each round's state is saved (a hook for tests and subclasses)."""
 
     # ------------------------------------------------------------------ perturb
     def perturb_fn(

@@ -27,7 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fuse_lightning.data.cifar_format import DatasetFormatError, label_names, read_cifar, write_cifar
+from fuse_lightning.data.cifar_format import (
+    DatasetFormatError,
+    label_names,
+    read_cifar,
+    write_cifar,
+)
 
 __all__ = ["pack_cifar", "tile_mosaic", "unpack_cifar", "untile_mosaic"]
 
