@@ -11,7 +11,10 @@ from fuse_lightning.cli import build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = sorted(p for p in (REPO / "configs").glob("*.yaml"))
-OVERLAYS = {"victim_cpu.yaml": "victim_cifar10.yaml"}  # composed after a base config
+OVERLAYS = {  # composed after a base config
+    "victim_cpu.yaml": "victim_cifar10.yaml",
+    "victim_fast_cpu.yaml": "victim_cifar10.yaml",
+}
 
 
 def data_args(config: Path, tiny: dict[str, Path]) -> list[str]:
