@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so that short class names (`VictimModule`, `CIFAR10DataModule`, `LowPass`) resolve
@@ -156,6 +157,11 @@ def _extra_subcommands() -> dict[str, Callable[[list[str]], int | None]]:
     return commands
 
 
+# Configs interpolate as if each subcommand's config were the root: `${trainer.default_root_dir}`
+# (not `${fit.trainer.default_root_dir}`) in a config used by `fit`, `validate` or `test`.
+set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+
+
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
     """Build (and by default run) the LightningCLI; used by `main` and by the tests."""
     return FuseCLI(
@@ -165,6 +171,9 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
         subclass_mode_data=True,
         # Re-running a config in the same log directory must not fail on the saved config.
         save_config_kwargs={"overwrite": True},
+        # OmegaConf interpolation over the merged config (every --config and dotted flag first):
+        # `save_dir: ${trainer.default_root_dir}` follows a `--trainer.default_root_dir` override.
+        parser_kwargs={"parser_mode": "omegaconf+"},
         args=list(args) if args is not None else None,
         run=run,
     )

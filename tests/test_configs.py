@@ -104,3 +104,16 @@ def test_wandb_offline_logging(tiny_cifar10, tmp_path, monkeypatch):
     assert runs, "an offline W&B run directory is written"
     media = list(tmp_path.rglob("offline-run-*/files/media/images/**/*.png"))
     assert any("grid_clean_delta_protected" in p.name for p in media), media
+
+
+def test_run_directory_is_one_flag(capsys):
+    """`${trainer.default_root_dir}` in a config follows a later --trainer.default_root_dir flag."""
+    config = REPO / "configs" / "fuse_cifar10.yaml"
+    assert "${trainer.default_root_dir}" in config.read_text()
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(config), "--trainer.default_root_dir", "/elsewhere/run", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "save_dir: /elsewhere/run" in printed and "default_root_dir: /elsewhere/run" in printed
+    with pytest.raises(SystemExit):
+        build_cli(["fit", "--config", str(config), "--print_config"])
+    assert "save_dir: outputs/fuse_cifar10" in capsys.readouterr().out
