@@ -42,19 +42,46 @@ def test_config_fast_dev_run(config: Path, tiny_cifar10, tiny_cifar100, tiny_ima
     assert main(args) == 0
 
 
-@pytest.mark.parametrize("overlay", sorted((REPO / "configs" / "trainer").glob("*.yaml")), ids=lambda p: p.stem)
-def test_trainer_overlays_compose(overlay: Path, tmp_path, capsys, monkeypatch):
-    """Overlays (GPU, W&B) compose with the main config; last file wins."""
+GROUPS = ("trainer", "logger", "debug")
+OVERLAY_FILES = sorted(p for group in GROUPS for p in (REPO / "configs" / group).glob("*.yaml"))
+MAIN_CONFIGS = ("fuse_cifar10.yaml", "fuse_cifar10_cpu.yaml", "victim_cifar10.yaml", "victim_cifar100.yaml")
+
+
+@pytest.mark.parametrize("main_config", MAIN_CONFIGS)
+@pytest.mark.parametrize("overlay", OVERLAY_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_groups_compose(overlay: Path, main_config: str, tmp_path, capsys, monkeypatch):
+    """Every group overlay (trainer/, logger/, debug/) composes with every main config; last wins."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(REPO / "configs" / "fuse_cifar10.yaml"), "--config", str(overlay),
-                   "--print_config"])
+        build_cli(["fit", "--config", str(REPO / "configs" / main_config), "--config", str(overlay),
+                   "--trainer.default_root_dir", "runs/x", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    if overlay.stem == "gpu":
-        assert "accelerator: gpu" in printed and "precision: bf16-mixed" in printed
-    if overlay.stem == "wandb":
-        assert "WandbLogger" in printed
+    expected = {
+        "gpu": ["accelerator: gpu", "precision: bf16-mixed"],
+        "cpu": ["accelerator: cpu", "precision: 32-true"],
+        "ddp": ["strategy: ddp"],
+        "wandb": ["WandbLogger", "save_dir: runs/x"],
+        "csv": ["CSVLogger", "save_dir: runs/x"],
+        "fast_dev_run": ["fast_dev_run: 1"],
+        "limits": ["limit_train_batches: 10"],
+    }[overlay.stem]
+    for text in expected:
+        assert text in printed, (text, overlay)
+
+
+def test_debug_and_logger_groups_run(tiny_cifar10, tmp_path, monkeypatch):
+    """A main config + trainer/cpu + logger/csv + debug/limits really trains, into one run dir."""
+    monkeypatch.chdir(tmp_path)
+    configs = [REPO / "configs" / c for c in ("victim_cifar10.yaml", "victim_cpu.yaml", "trainer/cpu.yaml",
+                                               "logger/csv.yaml", "debug/limits.yaml")]
+    args = ["fit", *[w for c in configs for w in ("--config", str(c))],
+            *data_args(REPO / "configs" / "victim_cifar10.yaml", {"cifar10": tiny_cifar10}),
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.default_root_dir", "runs/one", "--trainer.enable_progress_bar", "false"]
+    assert main(args) == 0
+    assert list((tmp_path / "runs" / "one" / "logs").rglob("metrics.csv")), "CSV logs in the run directory"
+    assert list((tmp_path / "runs" / "one" / "checkpoints").glob("*.ckpt")), "checkpoints in the run directory"
 
 
 def test_dotted_override_and_help(capsys):
@@ -96,7 +123,7 @@ def test_wandb_offline_logging(tiny_cifar10, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
-    assert main(["fit", "--config", str(cfg), "--config", str(REPO / "configs" / "trainer" / "wandb.yaml"),
+    assert main(["fit", "--config", str(cfg), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
                  *data_args(cfg, {"cifar10": tiny_cifar10}), "--trainer.max_epochs", "1",
                  "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
                  "--trainer.enable_progress_bar", "false"]) == 0
