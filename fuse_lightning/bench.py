@@ -315,9 +315,9 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
     """Wall time (and peak RSS) to a protected CIFAR-10 training set with the shipped CPU configs."""
     # Run in `work` with configs/ linked there: the shipped configs' relative output paths
     # (checkpoints, the FUSE export) land in `work`, not in the user's outputs/.
-    work.mkdir(parents=True, exist_ok=True)
-    if not (work / "configs").exists():
-        (work / "configs").symlink_to(REPO / "configs", target_is_directory=True)
+    from fuse_lightning.gpu_check import prepare_work_dir
+
+    prepare_work_dir(work)
     data = ["--data.init_args.data_dir", str(Path(data_dir).resolve())]
     commands = {
         "FUSE (train + export), configs/fuse_cifar10_cpu.yaml": [
@@ -333,14 +333,20 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
     for label, words in commands.items():
         cmd = [sys.executable, "-m", "fuse_lightning", *words]
         start = time.perf_counter()
-        done = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd] if Path("/usr/bin/time").exists() else cmd,
-                              cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []  # peak RSS, KiB
+        done = subprocess.run([*timer, *cmd], cwd=work, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
         seconds = time.perf_counter() - start
-        row: dict[str, Any] = {"seconds": round(seconds, 1), "command": shlex.join(["fuse", *words])}
+        lines = done.stderr.strip().splitlines()
+        peak_kib = lines.pop() if timer and lines else None  # GNU time prints its figure last
+        # The report names the data directory as the user gave it, not this machine's absolute path.
+        shown = ["fuse", *(data_dir if w == data[1] else w for w in words)]
+        row: dict[str, Any] = {"seconds": round(seconds, 1), "command": shlex.join(shown)}
         if done.returncode != 0:
-            row["error"] = (done.stderr.strip().splitlines() or ["?"])[-1]
-        elif Path("/usr/bin/time").exists():
-            row["peak_rss_mib"] = round(int(done.stderr.strip().splitlines()[-1]) / 1024)
+            errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Command exited")]
+            row["error"] = (errors or lines or ["?"])[-1]
+        elif peak_kib is not None:
+            row["peak_rss_mib"] = round(int(peak_kib.split()[-1]) / 1024)
         rows[label] = row
     return rows
 

@@ -120,31 +120,20 @@ def plan(args: argparse.Namespace, work: Path, data_dir: Path, victim_epochs: in
 # ---------------------------------------------------------------------------------- parsing
 
 
-def read_metrics(path: Path) -> dict[str, float]:
-    """Last logged value of every column of a Lightning CSVLogger `metrics.csv`."""
-    last: dict[str, float] = {}
+def metric_columns(path: Path) -> dict[str, list[float]]:
+    """Every logged value of every numeric column of a Lightning CSVLogger `metrics.csv`, in order."""
+    columns: dict[str, list[float]] = {}
     if not path.is_file():
-        return last
+        return columns
     with path.open() as handle:
         for row in csv.DictReader(handle):
             for key, value in row.items():
                 if value not in (None, ""):
                     try:
-                        last[key] = float(value)
+                        columns.setdefault(key, []).append(float(value))
                     except ValueError:
                         pass
-    return last
-
-
-def max_metric(path: Path, key: str) -> float | None:
-    """Largest logged value of one column (e.g. the best epoch's throughput)."""
-    best = None
-    if path.is_file():
-        with path.open() as handle:
-            for row in csv.DictReader(handle):
-                if row.get(key):
-                    best = max(best or float("-inf"), float(row[key]))
-    return best
+    return columns
 
 
 def _short(value: Any) -> Any:
@@ -169,13 +158,12 @@ def summarise(stage: Stage, work: Path, log_path: Path) -> dict[str, Any]:
     if stage.run_dir is None:
         return out
     run_dir = Path(stage.run_dir)
-    metrics_csv = run_dir / "metrics.csv"
-    last = read_metrics(metrics_csv)
+    columns = metric_columns(run_dir / "metrics.csv")
+    last = {k: v[-1] for k, v in columns.items()}
     keep = ("val/acc", "epoch", "train/acc", "train/surrogate_acc", "val/surrogate_clean_acc", "perf/epoch_seconds")
     out.update({k: round(v, 4) for k, v in last.items() if k in keep or k.startswith("val/")})
-    peak = max_metric(metrics_csv, "perf/train_img_per_s")
-    if peak is not None:
-        out["train_img_per_s_best_epoch"] = round(peak)
+    if columns.get("perf/train_img_per_s"):
+        out["train_img_per_s_best_epoch"] = round(max(columns["perf/train_img_per_s"]))
     manifest = run_dir / "manifest.json"
     if stage.name == "fuse":
         manifest = run_dir / "protected" / "manifest.json"  # ProtectOnFitEnd's <default_root_dir>/protected
@@ -247,9 +235,17 @@ def environment() -> dict[str, Any]:
     return info
 
 
+def portable(text: str, work: Path, out: Path) -> str:
+    """Report text without this machine's paths: `python`, `<work>`, `<out>`, `.` for the repo."""
+    for path, name in ((sys.executable, "python"), (str(work), "<work>"), (str(out), "<out>"), (str(REPO), ".")):
+        text = text.replace(path, name)
+    return text
+
+
 def write_report(out: Path, env: dict[str, Any], stages: list[Stage], log_dir: Path, notes: list[str]) -> None:
     """Write report.json, report.md and logs.txt into `out` (each via a temporary file)."""
     out.mkdir(parents=True, exist_ok=True)
+    work = log_dir.parent
     payload = {"environment": env, "notes": notes,
                "stages": [{**asdict(s), "cmd": shlex.join(s.cmd)} for s in stages]}
     lines = ["# GPU check", "", "Command: `python -m fuse_lightning.gpu_check " + " ".join(sys.argv[1:]) + "`", "",
@@ -275,7 +271,7 @@ def write_report(out: Path, env: dict[str, Any], stages: list[Stage], log_dir: P
     for name, text in (("report.json", json.dumps(payload, indent=2, default=str)),
                        ("report.md", "\n".join(lines) + "\n"), ("logs.txt", "\n\n".join(logs) + "\n")):
         tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
+        tmp.write_text(portable(text, work, out))
         tmp.replace(out / name)
 
 

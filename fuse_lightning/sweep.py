@@ -823,7 +823,7 @@ def execute_run(
         "protected_dir": str(method.protected_dir) if method.protected_dir else None,
         "data_dir": str(data_dir),
         "run_key": key,
-        "command": shlex.join(cmd),
+        "command": shlex.join(portable_command(cmd)),
     }
     R.atomic_write_text(run.result_path, json.dumps(row, indent=2))
     (run.run_dir / "failed.json").unlink(missing_ok=True)

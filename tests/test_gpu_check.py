@@ -70,8 +70,9 @@ def test_without_a_gpu_the_real_check_refuses(tmp_path, monkeypatch, capsys):
 def test_metrics_and_epochs_are_read_from_files(tmp_path):
     (tmp_path / "metrics.csv").write_text(
         "epoch,step,val/acc,perf/train_img_per_s\n0,10,0.5,100\n0,10,,300\n1,20,0.75,200\n")
-    assert gpu_check.read_metrics(tmp_path / "metrics.csv")["val/acc"] == 0.75
-    assert gpu_check.max_metric(tmp_path / "metrics.csv", "perf/train_img_per_s") == 300
+    columns = gpu_check.metric_columns(tmp_path / "metrics.csv")
+    assert columns["val/acc"] == [0.5, 0.75]
+    assert columns["perf/train_img_per_s"] == [100, 300, 200]
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"items": {"victim_lightning": {"img_per_s": 25_000}}}))
     # 80 % of 25 000 img/s for 30 s = 600 000 images = 12 epochs of 50 000
@@ -111,3 +112,9 @@ def test_summarise_reads_the_fuse_manifest_from_the_run(tmp_path: Path):
     out = gpu_check.summarise(fuse, work, tmp_path / "fuse.log")
     assert out["num_images"] == 50000 and out["protect_img_per_s"] == 1234.5
     assert out["fidelity"] == {"psnr": 38.1235}
+
+
+def test_report_names_no_machine_paths(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    text = f"{gpu_check.sys.executable} -m fuse_lightning fit --data.data_dir {work}/data {gpu_check.REPO}/tests {out}/r"
+    assert gpu_check.portable(text, work, out) == "python -m fuse_lightning fit --data.data_dir <work>/data ./tests <out>/r"
