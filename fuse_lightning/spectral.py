@@ -8,8 +8,15 @@ Frequencies are normalized so that ``r = 1`` is the Nyquist frequency along an a
 diagonal corners reach ``r = sqrt(2)``. A cutoff therefore means the same thing at 32x32 and at
 224x224.
 
+Soft transfer functions (``gaussian``, ``butterworth``) are parametrised so that the gain at
+``r = cutoff`` is exactly 1/2, like the edge of the ideal mask: a cutoff means the same
+frequency for every kind.
+
 The module also holds the helpers of Random Spectral Masking (RSM): :func:`sample_band` draws a
-random annulus per sample and :func:`remove_band` deletes it from the spectrum.
+random annulus per sample and :func:`remove_band` deletes it from the spectrum. The random-band
+attacker uses :func:`index_uniform` / :func:`random_band_starts` to draw one band per image,
+reproducibly from the image's index. :func:`gaussian_blur` is the spatial blur attacker, with its
+exact transfer function :func:`gaussian_blur_gain`.
 """
 
 from __future__ import annotations
@@ -17,10 +24,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 SQRT2 = math.sqrt(2.0)
+LN2 = math.log(2.0)
 MASK_KINDS = ("ideal", "gaussian", "butterworth")
 
 
@@ -71,10 +81,14 @@ def lowpass_mask(
         * ``ideal``: 1 where ``r <= cutoff``, else 0. A cutoff of 1 (Nyquist) keeps *every*
           coefficient, including the diagonal corners with ``r`` in ``(1, sqrt(2)]``, so
           ``cutoff=1`` is the identity filter.
-        * ``gaussian``: ``exp(-r^2 / (2 cutoff^2))``; the response at ``r = cutoff`` is
-          ``exp(-1/2) ~ 0.6065`` (``cutoff`` is the standard deviation, not the half-power point).
-        * ``butterworth``: ``1 / (1 + (r / cutoff)^(2 order))``; the response at ``r = cutoff``
-          is exactly 0.5.
+        * ``gaussian``: ``2^(-(r / cutoff)^2) = exp(-ln 2 * r^2 / cutoff^2)``; the gain at
+          ``r = cutoff`` is exactly 1/2 (``cutoff`` is the half-gain radius, i.e. a Gaussian of
+          standard deviation ``cutoff / sqrt(2 ln 2) ~ 0.849 cutoff``).
+        * ``butterworth``: ``1 / (1 + (r / cutoff)^(2 order))``; the gain at ``r = cutoff``
+          is exactly 1/2.
+
+        Soft masks decrease monotonically with ``r`` and never reach 0, so they are not the
+        identity at ``cutoff = 1`` (the gain at Nyquist is 1/2).
 
     Args:
         h: Image height.
@@ -99,12 +113,19 @@ def lowpass_mask(
         else:
             mask = (r <= cutoff).to(r.dtype)
     elif kind == "gaussian":
-        mask = torch.exp(-(r**2) / (2.0 * cutoff**2))
+        mask = torch.exp(-LN2 * (r / cutoff) ** 2)
     else:
         if order < 1:
             raise ValueError(f"order must be >= 1, got {order}")
         mask = 1.0 / (1.0 + (r / cutoff) ** (2 * order))
     return mask.to(torch.float32)
+
+
+def _keep_dc(mask: Tensor, keep_dc: bool) -> Tensor:
+    if keep_dc:
+        mask = mask.clone()
+        mask[..., 0, 0] = 1.0
+    return mask
 
 
 def highpass_mask(
@@ -114,8 +135,11 @@ def highpass_mask(
     kind: str = "ideal",
     order: int = 2,
     device: torch.device | str | None = None,
+    keep_dc: bool = False,
 ) -> Tensor:
     """Radial high-pass transfer function, ``1 - lowpass_mask(...)``.
+
+    For ``kind="ideal"`` this removes ``r <= cutoff`` and keeps ``r > cutoff``.
 
     Args:
         h: Image height.
@@ -124,11 +148,14 @@ def highpass_mask(
         kind: One of ``ideal``, ``gaussian``, ``butterworth``.
         order: Butterworth order.
         device: Device of the mask.
+        keep_dc: Pass the DC coefficient (each channel's mean) unchanged, so that a filtered
+            image keeps its brightness.
 
     Returns:
         Float32 mask of shape ``(h, w)``.
     """
-    return 1.0 - lowpass_mask(h, w, cutoff, kind=kind, order=order, device=device)
+    mask = 1.0 - lowpass_mask(h, w, cutoff, kind=kind, order=order, device=device)
+    return _keep_dc(mask, keep_dc)
 
 
 def bandpass_mask(
@@ -168,6 +195,43 @@ def bandpass_mask(
         return upper
     lower = lowpass_mask(h, w, low, kind=kind, order=order, device=device)
     return (upper - lower).clamp_(0.0, 1.0)
+
+
+def bandstop_mask(
+    h: int,
+    w: int,
+    low: float,
+    high: float,
+    kind: str = "ideal",
+    order: int = 2,
+    device: torch.device | str | None = None,
+    keep_dc: bool = False,
+) -> Tensor:
+    """Radial band-stop transfer function, ``1 - bandpass_mask(...)``.
+
+    For ``kind="ideal"`` this removes ``low < r <= high`` (``low = 0`` removes the DC term too,
+    unless ``keep_dc``) and keeps everything else: the exact complement of
+    :func:`bandpass_mask`. With ``high = 1`` the corners ``r > 1`` are removed as well (the ideal
+    low-pass at 1 keeps everything).
+
+    Args:
+        h: Image height.
+        w: Image width.
+        low: Lower radius in ``[0, high)``.
+        high: Upper radius in ``(low, 1]``.
+        kind: One of ``ideal``, ``gaussian``, ``butterworth``.
+        order: Butterworth order.
+        device: Device of the mask.
+        keep_dc: Pass the DC coefficient unchanged.
+
+    Returns:
+        Float32 mask of shape ``(h, w)``.
+
+    Raises:
+        ValueError: If not ``0 <= low < high <= 1`` or ``kind`` is unknown.
+    """
+    mask = 1.0 - bandpass_mask(h, w, low, high, kind=kind, order=order, device=device)
+    return _keep_dc(mask, keep_dc)
 
 
 def band_mask(r: Tensor, low: float | Tensor, high: float | Tensor) -> Tensor:
@@ -222,7 +286,9 @@ def lowpass(x: Tensor, cutoff: float, kind: str = "ideal", order: int = 2) -> Te
     return apply_spectral_mask(x, lowpass_mask(h, w, cutoff, kind, order, device=x.device))
 
 
-def highpass(x: Tensor, cutoff: float, kind: str = "ideal", order: int = 2) -> Tensor:
+def highpass(
+    x: Tensor, cutoff: float, kind: str = "ideal", order: int = 2, keep_dc: bool = False
+) -> Tensor:
     """High-pass filter images; see :func:`highpass_mask`.
 
     Args:
@@ -230,12 +296,14 @@ def highpass(x: Tensor, cutoff: float, kind: str = "ideal", order: int = 2) -> T
         cutoff: Cutoff radius in ``(0, 1]``.
         kind: One of ``ideal``, ``gaussian``, ``butterworth``.
         order: Butterworth order.
+        keep_dc: Keep each image's (and channel's) mean.
 
     Returns:
         Filtered images, same shape and dtype as ``x``.
     """
     h, w = x.shape[-2:]
-    return apply_spectral_mask(x, highpass_mask(h, w, cutoff, kind, order, device=x.device))
+    mask = highpass_mask(h, w, cutoff, kind, order, device=x.device, keep_dc=keep_dc)
+    return apply_spectral_mask(x, mask)
 
 
 def bandpass(x: Tensor, low: float, high: float, kind: str = "ideal", order: int = 2) -> Tensor:
@@ -253,6 +321,115 @@ def bandpass(x: Tensor, low: float, high: float, kind: str = "ideal", order: int
     """
     h, w = x.shape[-2:]
     return apply_spectral_mask(x, bandpass_mask(h, w, low, high, kind, order, device=x.device))
+
+
+def bandstop(
+    x: Tensor,
+    low: float,
+    high: float,
+    kind: str = "ideal",
+    order: int = 2,
+    keep_dc: bool = False,
+) -> Tensor:
+    """Band-stop filter images; see :func:`bandstop_mask`.
+
+    Args:
+        x: Images, shape ``(..., H, W)``.
+        low: Lower radius in ``[0, high)``.
+        high: Upper radius in ``(low, 1]``.
+        kind: One of ``ideal``, ``gaussian``, ``butterworth``.
+        order: Butterworth order.
+        keep_dc: Keep each image's (and channel's) mean.
+
+    Returns:
+        Filtered images, same shape and dtype as ``x``.
+    """
+    h, w = x.shape[-2:]
+    mask = bandstop_mask(h, w, low, high, kind, order, device=x.device, keep_dc=keep_dc)
+    return apply_spectral_mask(x, mask)
+
+
+def gaussian_blur_taps(sigma: float, h: int | None = None, w: int | None = None) -> int:
+    """Kernel size of :func:`gaussian_blur`: ``2 ceil(3 sigma) + 1``, at most ``2 min(h, w) - 1``.
+
+    Args:
+        sigma: Standard deviation in pixels, ``> 0``.
+        h: Image height (caps the size so that reflect padding is possible), optional.
+        w: Image width, optional.
+    """
+    if not float(sigma) > 0.0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    taps = 2 * math.ceil(3.0 * float(sigma)) + 1
+    if h is not None and w is not None:
+        taps = min(taps, 2 * min(h, w) - 1)
+    return taps
+
+
+def gaussian_kernel1d(sigma: float, taps: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Sampled, normalised 1-D Gaussian: ``exp(-j^2 / (2 sigma^2))`` for ``j = -(taps//2) ..
+    taps//2``, divided by its sum (the kernel of ``torchvision``'s ``gaussian_blur``).
+
+    Args:
+        sigma: Standard deviation in pixels, ``> 0``.
+        taps: Odd kernel size.
+        dtype: Floating dtype of the kernel.
+
+    Returns:
+        Tensor of shape ``(taps,)`` summing to 1.
+    """
+    if taps < 1 or taps % 2 == 0:
+        raise ValueError(f"taps must be odd and positive, got {taps}")
+    j = torch.arange(taps, dtype=torch.float64) - taps // 2
+    k = torch.exp(-(j**2) / (2.0 * float(sigma) ** 2))
+    return (k / k.sum()).to(dtype)
+
+
+def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable spatial Gaussian blur with reflect padding (same result as ``torchvision``).
+
+    Args:
+        x: Images, shape ``(..., H, W)``.
+        sigma: Standard deviation in pixels, ``> 0``; the kernel has
+            :func:`gaussian_blur_taps` taps.
+
+    Returns:
+        Blurred images, same shape and dtype as ``x`` (computed in float32, or float64).
+    """
+    h, w = x.shape[-2:]
+    taps = gaussian_blur_taps(sigma, h, w)
+    if taps < 3:
+        return x.clone()
+    dtype = _compute_dtype(x)
+    k = gaussian_kernel1d(sigma, taps, dtype).to(x.device)
+    pad = taps // 2
+    y = F.pad(x.reshape(-1, 1, h, w).to(dtype), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, taps))
+    y = F.conv2d(y, k.view(1, 1, taps, 1))
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def gaussian_blur_gain(sigma: float, r: float | Tensor, taps: int | None = None) -> Tensor:
+    """Exact gain of :func:`gaussian_blur` at radius ``r`` along an image axis.
+
+    The separable kernel multiplies an axis frequency ``r`` (fraction of Nyquist, so ``pi r``
+    radians per pixel) by ``sum_j k_j cos(pi r j)`` and leaves the other axis at gain 1. For
+    large ``sigma`` this approaches ``exp(-pi^2 sigma^2 r^2 / 2)``, a Gaussian low-pass with
+    half-gain radius ``sqrt(2 ln 2) / (pi sigma) ~ 0.375 / sigma``; small kernels differ: with
+    ``sigma = 0.5`` the gain never falls below ~0.57.
+
+    Args:
+        sigma: Standard deviation in pixels, ``> 0``.
+        r: Radius (or tensor of radii) in ``[0, 1]``.
+        taps: Kernel size; default :func:`gaussian_blur_taps` without an image-size cap.
+
+    Returns:
+        Float64 tensor of the shape of ``r``.
+    """
+    taps = gaussian_blur_taps(sigma) if taps is None else taps
+    k = gaussian_kernel1d(sigma, taps)
+    j = torch.arange(taps, dtype=torch.float64) - taps // 2
+    r = torch.as_tensor(r, dtype=torch.float64)
+    return (k * torch.cos(math.pi * r.unsqueeze(-1) * j)).sum(-1)
 
 
 def split_bands(x: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
@@ -318,7 +495,9 @@ def _per_sample(v: float | Tensor, x: Tensor) -> float | Tensor:
     return float(v)
 
 
-def remove_band(x: Tensor, start: float | Tensor, width: float | Tensor) -> Tensor:
+def remove_band(
+    x: Tensor, start: float | Tensor, width: float | Tensor, keep_dc: bool = False
+) -> Tensor:
     """Delete the annulus ``[start, start + width)`` from each sample's spectrum (all channels).
 
     The removed band's spectral energy becomes exactly zero; every coefficient outside it is
@@ -328,6 +507,7 @@ def remove_band(x: Tensor, start: float | Tensor, width: float | Tensor) -> Tens
         x: Images, shape ``(N, C, H, W)`` when radii are per sample, otherwise ``(..., H, W)``.
         start: Inner radius, a float or a tensor of shape ``(N,)``.
         width: Band width, a float or a tensor of shape ``(N,)``.
+        keep_dc: Never remove the DC coefficient (a band starting at 0 keeps the mean).
 
     Returns:
         Images with the band removed, same shape and dtype as ``x``.
@@ -336,7 +516,66 @@ def remove_band(x: Tensor, start: float | Tensor, width: float | Tensor) -> Tens
     r = radial_frequency(h, w, device=x.device, dtype=torch.float64)
     lo = _per_sample(start, x)
     hi = lo + _per_sample(width, x)
-    return apply_spectral_mask(x, 1.0 - band_mask(r, lo, hi))
+    return apply_spectral_mask(x, _keep_dc(1.0 - band_mask(r, lo, hi), keep_dc))
+
+
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    # splitmix64 finaliser (Steele, Lea, Flood 2014) on uint64 arrays; overflow wraps by design.
+    z = z + np.uint64(_SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def index_uniform(index: Tensor | Sequence[int], seed: int = 0) -> Tensor:
+    """One uniform number in ``[0, 1)`` per index, a pure function of ``(seed, index)``.
+
+    A counter-based generator (splitmix64 of the seed, then of seed hash + index), so the value
+    of an image does not depend on the batch it is in, on its position, or on other images.
+
+    Args:
+        index: Non-negative integer indices, any shape.
+        seed: Non-negative integer seed.
+
+    Returns:
+        Float64 tensor of the shape of ``index`` (on its device when it is a tensor).
+    """
+    idx = index if isinstance(index, Tensor) else torch.as_tensor(index, dtype=torch.int64)
+    if idx.is_floating_point() or idx.is_complex():
+        raise ValueError(f"index must hold integers, got {idx.dtype}")
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError("index must be non-negative")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.array([int(seed) % 2**64], dtype=np.uint64))
+        z = _splitmix64(key + idx.detach().cpu().numpy().astype(np.uint64))
+    u = (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return torch.from_numpy(u).to(idx.device)
+
+
+def random_band_starts(
+    index: Tensor | Sequence[int], width: float, seed: int = 0, top: float = 1.0
+) -> Tensor:
+    """Inner radius of a band of ``width`` per image, uniform in ``[0, top - width]``.
+
+    The band ``[start, start + width)`` then always lies inside ``[0, top]``.
+
+    Args:
+        index: Image indices (non-negative integers).
+        width: Band width in ``(0, top)``.
+        seed: Seed, see :func:`index_uniform`.
+        top: Largest radius a band may reach (1 = Nyquist).
+
+    Returns:
+        Float64 tensor of the shape of ``index``.
+    """
+    if not 0.0 < float(width) < float(top):
+        raise ValueError(f"width must be in (0, {top:g}), got {width}")
+    return index_uniform(index, seed) * (float(top) - float(width))
 
 
 def _energy_map(x: Tensor) -> Tensor:
