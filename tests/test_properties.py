@@ -71,6 +71,10 @@ filter_names = st.one_of(
     st.builds(lambda k, c: f"highpass-{k}-{c:.3f}", kinds, st.floats(0.05, 1.0)),
     st.builds(lambda k, lo, wd: f"bandpass-{k}-{lo:.3f}-{min(1.0, lo + wd):.3f}", kinds,
               st.floats(0.0, 0.8), st.floats(0.05, 0.5)),
+    st.builds(lambda k, lo, wd: f"bandstop-{k}-{lo:.3f}-{min(1.0, lo + wd):.3f}", kinds,
+              st.floats(0.0, 0.8), st.floats(0.05, 0.5)),
+    st.builds(lambda wd, s: f"randband-{wd:.3f}-s{s}", st.floats(0.01, 0.95), st.integers(0, 2**40)),
+    st.builds(lambda sg: f"gaussblur-{sg:.3f}", st.floats(0.01, 30.0)),
 )
 
 
@@ -84,6 +88,7 @@ def test_every_filter_keeps_range_shape_and_uint8(name, h, w, seed):
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
     stored = apply_filter_uint8((x * 255).round().to(torch.uint8), f)
     assert stored.dtype == torch.uint8 and stored.shape == x.shape
+    assert filter_from_name(f.name).name == f.name  # the canonical name is a fixed point
 
 
 deltas = st.one_of(

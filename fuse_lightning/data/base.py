@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from fuse_lightning.filters import ImageFilter, filter_from_name
+from fuse_lightning.filters import ImageFilter, filter_from_name, parse_filter_name
 
 __all__ = [
     "ImageClassificationDataModule",
@@ -115,9 +115,14 @@ def stratified_subset_indices(labels: torch.Tensor, size: int, seed: int = 0) ->
 
 
 def filter_name(f: Any) -> str:
-    """Short name of a filter for logs and run names; "none" when there is no filter."""
+    """Short name of a filter for logs and run names; "none" when there is no filter.
+
+    A filter given by name is returned in its canonical spelling (`parse_filter_name`).
+    """
     if f is None:
         return "none"
+    if isinstance(f, str):
+        return parse_filter_name(f).name
     return str(getattr(f, "name", type(f).__name__))
 
 
