@@ -2,17 +2,19 @@
 
 A result row is a dict as written by the sweep runner (`fuse_lightning.sweep`), with at least
 `method`, `arch`, `filter`, `seed` and `val_acc` (clean test accuracy of the final epoch, as a
-fraction). Only csv, numpy and matplotlib (Agg backend) are used; every file is written to a
-temporary name and renamed, so an interrupted report never leaves a truncated file.
+fraction). Only csv, numpy and matplotlib (Agg backend) are used for the files; filter names
+are read with `fuse_lightning.filters.parse_filter_name` (imported when first needed). Every
+file is written to a temporary name and renamed, so an interrupted report never leaves a
+truncated file.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ __all__ = [
     "plot_acc_vs_cutoff",
     "plot_band_map",
     "read_results",
+    "spec_of",
+    "stopband_of",
     "write_csv",
     "write_report",
 ]
@@ -52,8 +56,8 @@ RESULT_FIELDS = (
     "command",
 )
 
-_LOWPASS = re.compile(r"lowpass-([a-z]+\d*)-(\d+(?:\.\d*)?(?:e-?\d+)?)")
-_BANDPASS = re.compile(r"bandpass-([a-z]+\d*)-(\d+(?:\.\d*)?(?:e-?\d+)?)-(\d+(?:\.\d*)?(?:e-?\d+)?)")
+# Families drawn on the cutoff axis, in legend order, with their line style and marker.
+_CUTOFF_STYLES = (("ideal", "-", "o"), ("gaussian", "--", "s"), ("butterworth", ":", "^"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,23 +208,44 @@ def markdown_table(
     return "\n".join(blocks)
 
 
-def cutoff_of(filter_name: str) -> tuple[str, float] | None:
-    """`(kind, cutoff)` of a low-pass filter name; "none" counts as cutoff 1.0 (all frequencies kept).
+def spec_of(filter_name: str) -> Any:
+    """The parsed `FilterSpec` of a filter name, or None when the name is not a known filter."""
+    from fuse_lightning.filters import parse_filter_name
 
-    Returns None for filters that are not low-pass (jpeg, grayscale, band-pass, ...).
+    try:
+        return parse_filter_name(filter_name)
+    except ValueError:
+        return None
+
+
+def cutoff_of(filter_name: str) -> tuple[str, float] | None:
+    """`(family, cutoff)` of a low-pass filter name, for the accuracy-vs-cutoff plot.
+
+    The family is the kind as written in the name (`ideal`, `gaussian`, `butterworth`,
+    `butterworth4`, ...). "none" counts as `("none", 1.0)` (all frequencies kept).
+
+    Returns None for filters that are not low-pass (jpeg, grayscale, band-pass, blur, unknown...).
     """
-    if filter_name == "none":
+    spec = spec_of(filter_name)
+    if spec is None:
+        return None
+    if spec.family == "none":
         return ("none", 1.0)
-    if m := _LOWPASS.fullmatch(filter_name):
-        return (m.group(1), float(m.group(2)))
+    if spec.family == "lowpass":
+        return (spec.kind_token, spec.cutoff)
     return None
 
 
 def band_of(filter_name: str) -> tuple[float, float] | None:
     """`(low, high)` radii of a band-pass filter name such as "bandpass-ideal-0.25-0.5", else None."""
-    if m := _BANDPASS.fullmatch(filter_name):
-        return (float(m.group(2)), float(m.group(3)))
-    return None
+    spec = spec_of(filter_name)
+    return spec.band if spec is not None and spec.family == "bandpass" else None
+
+
+def stopband_of(filter_name: str) -> tuple[float, float] | None:
+    """`(low, high)` radii removed by a band-stop filter name ("bandstop-ideal-0.25-0.5"), else None."""
+    spec = spec_of(filter_name)
+    return spec.band if spec is not None and spec.family == "bandstop" else None
 
 
 def _chance(rows: Sequence[dict[str, Any]]) -> float | None:
@@ -254,14 +279,33 @@ def _panels(n: int, width: float = 4.2, height: float = 3.4):
     return plt, fig, list(axes[0])
 
 
+def _family_order(family: str) -> tuple[int, str]:
+    names = [name for name, _, _ in _CUTOFF_STYLES]
+    base = "butterworth" if family.startswith("butterworth") else family
+    return (names.index(base) if base in names else len(names), family)
+
+
+def _family_styles(families: Sequence[str]) -> dict[str, tuple[Any, str]]:
+    """Line style and marker per low-pass family; Butterworth orders get distinct styles."""
+    table = {name: (ls, mk) for name, ls, mk in _CUTOFF_STYLES}
+    spare = itertools.cycle([((0, (5, 1, 1, 1)), "v"), ((0, (1, 1)), "P"), ((0, (3, 1, 1, 1, 1, 1)), "X")])
+    styles: dict[str, tuple[Any, str]] = {}
+    for fam in sorted(families, key=_family_order):
+        style = table.get(fam)
+        styles[fam] = style if style is not None and style not in styles.values() else next(spare)
+    return styles
+
+
 def plot_acc_vs_cutoff(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike, key: str = "val_acc"
 ) -> Path | None:
-    """Clean test accuracy against the attacker's low-pass cutoff, one line per method.
+    """Clean test accuracy against the attacker's low-pass cutoff, one line per method and family.
 
-    "none" is drawn at cutoff 1.0. One panel per architecture; the shaded band is ± one std
-    over seeds; the dashed line is chance level (when `num_classes` is known from the rows).
-    Low-pass filters of several kinds (ideal, gaussian, ...) get separate lines.
+    "none" is drawn at cutoff 1.0 and belongs to every family's line. One panel per
+    architecture; the shaded band is ± one std over seeds; the dashed gray line is chance level
+    (when `num_classes` is known from the rows). Each low-pass family present (ideal, gaussian,
+    butterworth, butterworth<order>) gets its own line: the color is the method, the line style
+    the family.
 
     Args:
         rows: Result dicts.
@@ -274,74 +318,110 @@ def plot_acc_vs_cutoff(
     stats = aggregate(rows, key)
     points: dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]] = {}
     parsed_all = [c for r in rows if (c := cutoff_of(r["filter"]))]
-    kinds = {kind for kind, _ in parsed_all if kind != "none"}
+    families = sorted({fam for fam, _ in parsed_all if fam != "none"}, key=_family_order)
     # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted (a Gaussian or Butterworth
     # cutoff of 1 still attenuates), in which case "none" moves to sqrt 2 to keep points apart.
-    top = max((c for kind, c in parsed_all if kind != "none"), default=0.0)
+    top = max((c for fam, c in parsed_all if fam != "none"), default=0.0)
     x_none = 1.0 if top < 1.0 else float(np.sqrt(2.0))
     for (arch, method, filt), (mean, std, _) in stats.items():
         parsed = cutoff_of(filt)
         if parsed is None:
             continue
         x = x_none if parsed[0] == "none" else parsed[1]
-        # "none" belongs to every low-pass kind's curve.
-        for kind in [parsed[0]] if parsed[0] != "none" else (sorted(kinds) or ["none"]):
-            points.setdefault(arch, {}).setdefault((method, kind), []).append((x, mean, std))
+        for fam in [parsed[0]] if parsed[0] != "none" else (families or ["none"]):
+            points.setdefault(arch, {}).setdefault((method, fam), []).append((x, mean, std))
     if not points:
         return None
     methods = _ordered(r["method"] for r in rows)
     archs = [a for a in _ordered(r["arch"] for r in rows) if a in points]
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    styles = _family_styles(families or ["none"])
+    styles.setdefault("none", ("-", "o"))
+    several = len(families) > 1
     chance = _chance(rows)
     plt, fig, axes = _panels(len(archs))
+    from matplotlib.lines import Line2D
+
     for ax, arch in zip(axes, archs, strict=True):
         for method in methods:
-            for kind in sorted({k for (m, k) in points[arch] if m == method}):
-                xs, ys, ss = map(np.asarray, zip(*sorted(points[arch][(method, kind)]), strict=True))
-                label = method if len(kinds) <= 1 else f"{method} ({kind})"
-                (line,) = ax.plot(xs, ys, marker="o", label=label)
+            for fam in sorted({f for (m, f) in points[arch] if m == method}, key=_family_order):
+                xs, ys, ss = map(np.asarray, zip(*sorted(points[arch][(method, fam)]), strict=True))
+                linestyle, marker = styles[fam]
+                ax.plot(xs, ys, color=colors[method], linestyle=linestyle, marker=marker,
+                        markersize=4, label=method)
                 if np.any(ss > 0):
-                    ax.fill_between(xs, ys - ss, ys + ss, alpha=0.15, color=line.get_color())
+                    ax.fill_between(xs, ys - ss, ys + ss, alpha=0.06 if several else 0.15,
+                                    color=colors[method])
         if chance is not None:
-            ax.axhline(chance, linestyle="--", color="gray", linewidth=1, label="chance")
-        ticks = sorted({p[0] for pts in points[arch].values() for p in pts})
-        # Only "none" rows sit at x_none.
-        ax.set_xticks(ticks, [("none" if t == x_none else f"{t:g}") for t in ticks], fontsize=7)
+            ax.axhline(chance, linestyle="--", color="gray", linewidth=1)
+        # One tick per distinct label (a blur's equivalent cutoff may nearly equal a real one);
+        # only "none" rows sit at x_none.
+        labels = {("none" if t == x_none else f"{t:.3g}"): t
+                  for t in sorted({p[0] for pts in points[arch].values() for p in pts}, reverse=True)}
+        ax.set_xticks(list(labels.values()), list(labels), fontsize=7,
+                      rotation=45 if len(labels) > 8 else 0)
         ax.set_title(arch)
-        ax.set_xlabel("low-pass cutoff (× Nyquist)")
+        soft = any(f not in ("ideal", "none") for f in families)
+        xlabel = "low-pass cutoff (× Nyquist" + ("; soft kinds: gain ½ there)" if soft else ")")
+        ax.set_xlabel(xlabel, fontsize=8)
         if ax is axes[0]:
             ax.set_ylabel("clean test accuracy (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="best")
+    present = [m for m in methods if any(m == k[0] for pts in points.values() for k in pts)]
+    handles = [Line2D([], [], color=colors[m], marker="o", markersize=4, label=m) for m in present]
+    if several:
+        handles += [Line2D([], [], color="black", linestyle=styles[f][0], marker=styles[f][1],
+                           markersize=4, label=f) for f in families]
+    if chance is not None:
+        handles.append(Line2D([], [], color="gray", linestyle="--", linewidth=1, label="chance"))
+    # Outside the panels, so that no curve is hidden.
+    axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     path = _save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_band_map(
-    rows: Sequence[dict[str, Any]], path: str | os.PathLike, key: str = "val_acc"
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    key: str = "val_acc",
+    family: str = "bandpass",
 ) -> Path | None:
-    """Heatmap of accuracy when the attacker keeps one radial band: methods x bands.
+    """Heatmap of accuracy when the attacker keeps (or removes) one radial band: methods x bands.
 
-    Bands come from "bandpass-<kind>-<low>-<high>" filter names, sorted by their lower radius;
-    every cell is annotated with its mean accuracy (%). One panel per architecture.
+    With `family="bandpass"` the bands come from "bandpass-<kind>-<low>-<high>" filters (the band
+    kept); with `family="bandstop"` from "bandstop-<kind>-<low>-<high>" filters (the band
+    removed). Bands are sorted by their radii; when several kinds are present the kind is part of
+    the column label. Every cell is annotated with its mean accuracy (%). One panel per
+    architecture.
 
     Args:
         rows: Result dicts.
         path: Destination PNG.
         key: Accuracy field to plot.
+        family: "bandpass" or "bandstop".
 
     Returns:
-        The written path, or None when no row has a band-pass filter.
+        The written path, or None when no row has a filter of that family.
     """
+    if family not in ("bandpass", "bandstop"):
+        raise ValueError(f"family must be 'bandpass' or 'bandstop', got {family!r}")
     stats = aggregate(rows, key)
-    band_rows = [r for r in rows if band_of(r["filter"]) is not None]
-    if not band_rows:
+    specs = {}
+    for r in rows:
+        spec = spec_of(r["filter"])
+        if spec is not None and spec.family == family:
+            specs[r["filter"]] = spec
+    if not specs:
         return None
+    band_rows = [r for r in rows if r["filter"] in specs]
     archs = _ordered(r["arch"] for r in band_rows)
     methods = _ordered(r["method"] for r in band_rows)
-    filters = sorted(_ordered(r["filter"] for r in band_rows), key=band_of)
-    labels = [f"{lo:g}–{hi:g}" for lo, hi in map(band_of, filters)]
+    filters = sorted(specs, key=lambda f: (specs[f].band, _family_order(specs[f].kind_token)))
+    mixed = len({specs[f].kind_token for f in filters}) > 1
+    labels = [(f"{specs[f].kind_token}\n" if mixed else "") + "{:g}–{:g}".format(*specs[f].band)
+              for f in filters]
     plt, fig, axes = _panels(len(archs), width=1.1 * len(filters) + 2.5, height=0.5 * len(methods) + 1.8)
     image = None
     for ax, arch in zip(axes, archs, strict=True):
@@ -357,11 +437,14 @@ def plot_band_map(
                     # Dark text on the bright end of viridis, light text elsewhere.
                     color = "black" if grid[i, j] > 60 else "white"
                     ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", color=color, fontsize=8)
-        ax.set_xticks(range(len(filters)), labels)
+        ax.set_xticks(range(len(filters)), labels, fontsize=8)
         ax.set_yticks(range(len(methods)), methods)
-        ax.set_xlabel("radial band kept (fraction of Nyquist)")
-        ax.set_title(arch)
-    fig.colorbar(image, ax=axes, label="test accuracy (%), test set in the same band")
+        what = "kept" if family == "bandpass" else "removed"
+        ax.set_xlabel(f"radial band {what} (fraction of Nyquist)")
+        ax.set_title(arch if family == "bandpass" else f"{arch}: band removed by the attacker")
+    label = ("test accuracy (%), test set in the same band" if family == "bandpass"
+             else "test accuracy (%)")
+    fig.colorbar(image, ax=axes, label=label)
     path = _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -378,6 +461,9 @@ def write_report(
 ) -> dict[str, Path]:
     """Write results.csv, table.md and the plots that apply into `results_dir`.
 
+    Plots: `acc_vs_cutoff.png` (low-pass filters), `band_map.png` (band-pass
+    filters), `bandstop_map.png` (band-stop filters).
+
     Args:
         rows: Result dicts.
         results_dir: Destination directory.
@@ -388,7 +474,8 @@ def write_report(
         log: Called with one line per written file.
 
     Returns:
-        `{"csv"|"table"|"acc_vs_cutoff"|"band_map": path}` for the files written.
+        `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map": path}` for the files
+        written.
     """
     results_dir = Path(results_dir)
     written = {"csv": write_csv(rows, results_dir / "results.csv")}
@@ -400,6 +487,8 @@ def write_report(
             written["acc_vs_cutoff"] = p
         if p := plot_band_map(rows, results_dir / "band_map.png"):
             written["band_map"] = p
+        if p := plot_band_map(rows, results_dir / "bandstop_map.png", family="bandstop"):
+            written["bandstop_map"] = p
     if log is not None:
         for p in written.values():
             log(f"wrote {p}")

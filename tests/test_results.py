@@ -1,0 +1,113 @@
+"""Result tables and plots with every attacker family: grouping by filter name, plots per family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fuse_lightning import results as R
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+FILTERS = [
+    "none",
+    "lowpass-ideal-0.25",
+    "lowpass-ideal-0.5",
+    "lowpass-gaussian-0.25",
+    "lowpass-gaussian-0.5",
+    "lowpass-butterworth-0.5",
+    "lowpass-butterworth4-0.5",
+    "highpass-ideal-0.25",
+    "bandpass-ideal-0.25-0.5",
+    "bandstop-ideal-0.5-0.75",
+    "bandstop-ideal-0-0.25",
+    "bandstop-gaussian-0.25-0.5",
+    "bandstop-ideal-0.25-0.5",
+    "randband-0.25",
+    "gaussblur-1",
+    "gaussblur-2",
+    "jpeg-10",
+    "grayscale",
+]
+
+
+def tiny_rows() -> list[dict]:
+    """Two methods x the filters x two seeds; val_acc encodes (method, filter, seed)."""
+    rows = []
+    for method, base in (("clean", 0.8), ("fuse", 0.2)):
+        for j, f in enumerate(FILTERS):
+            for seed in (0, 1):
+                rows.append({"run_id": f"{method}__fastnet__{f}__s{seed}", "method": method,
+                             "arch": "fastnet", "filter": f, "seed": seed, "num_classes": 10,
+                             "val_acc": base - 0.01 * j + 0.02 * seed})
+    return rows
+
+
+def test_parsed_views_of_names():
+    assert R.cutoff_of("none") == ("none", 1.0)
+    assert R.cutoff_of("lowpass-gaussian-0.5") == ("gaussian", 0.5)
+    assert R.cutoff_of("lowpass-butterworth4-0.5") == ("butterworth4", 0.5)
+    assert R.cutoff_of("lowpass-gauss-0.5") == ("gaussian", 0.5)  # aliases read the same
+    for other in ("highpass-ideal-0.25", "bandstop-ideal-0.25-0.5", "gaussblur-1", "jpeg-10",
+                  "randband-0.25", "invert", "lowpass-ideal-7"):
+        assert R.cutoff_of(other) is None
+    assert R.band_of("bandpass-ideal-0-0.25") == (0.0, 0.25) and R.band_of("bandstop-ideal-0-0.25") is None
+    assert R.stopband_of("bandstop-gaussian-0.25-0.5") == (0.25, 0.5) and R.stopband_of("none") is None
+    assert R.spec_of("randband-0.25-s2").seed == 2 and R.spec_of("invert") is None
+
+
+def test_table_groups_every_new_name():
+    rows = tiny_rows()
+    stats = R.aggregate(rows)
+    assert len(stats) == 2 * len(FILTERS)
+    # clean, bandstop-ideal-0.5-0.75 (j = 9): 71 and 73 % -> 72.0 ± 1.4
+    mean, std, n = stats[("fastnet", "clean", "bandstop-ideal-0.5-0.75")]
+    assert (round(mean, 6), round(std, 3), n) == (72.0, 1.414, 2)
+    table = R.markdown_table(rows).splitlines()
+    assert table[0] == "| method | " + " | ".join(FILTERS) + " |"
+    cells = table[3].split(" | ")
+    assert cells[0] == "| fuse" and cells[FILTERS.index("randband-0.25") + 1] == "8.0 ± 1.4"
+
+
+def test_report_writes_one_plot_per_family(tmp_path: Path):
+    rows = tiny_rows()
+    written = R.write_report(rows, tmp_path, "all attackers")
+    assert set(written) == {"csv", "table", "acc_vs_cutoff", "band_map", "bandstop_map"}
+    for key in ("acc_vs_cutoff", "band_map", "bandstop_map"):
+        assert written[key].read_bytes()[:8] == PNG_MAGIC
+    assert written["bandstop_map"].name == "bandstop_map.png"
+    # without band-stop rows there is no band-stop map, and the other way round
+    no_stop = [r for r in rows if not r["filter"].startswith("bandstop")]
+    assert R.plot_band_map(no_stop, tmp_path / "x.png", family="bandstop") is None
+    only_stop = [r for r in rows if r["filter"].startswith("bandstop")]
+    assert set(R.write_report(only_stop, tmp_path / "stop", "t")) == {"csv", "table", "bandstop_map"}
+    with pytest.raises(ValueError, match="family"):
+        R.plot_band_map(rows, tmp_path / "x.png", family="lowpass")
+
+
+def test_cutoff_plot_draws_a_line_per_lowpass_family(tmp_path: Path, monkeypatch):
+    drawn = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, xs, ys, *args, **kwargs):
+        drawn.append((kwargs.get("label"), kwargs.get("linestyle"), list(xs), list(ys)))
+        return original(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    assert R.plot_acc_vs_cutoff(tiny_rows(), tmp_path / "acc.png") is not None
+    # 2 methods x 4 families (ideal, gaussian, butterworth, butterworth4); "none" on every line
+    assert len(drawn) == 8
+    styles = {style for _, style, _, _ in drawn}
+    assert len(styles) == 4
+    ideal_clean = [d for d in drawn if d[0] == "clean" and d[1] == "-"]
+    assert len(ideal_clean) == 1 and ideal_clean[0][2] == [0.25, 0.5, 1.0]
+    # ideal 0.25, ideal 0.5, none: 79 %, 78 %, 80 % (+1 for the seed mean)
+    assert [round(v, 6) for v in ideal_clean[0][3]] == [80.0, 79.0, 81.0]
+    # only ideal low-pass rows: one line per method, no family styles needed
+    drawn.clear()
+    ideal = [r for r in tiny_rows() if r["filter"] in ("none", "lowpass-ideal-0.25", "lowpass-ideal-0.5")]
+    assert R.plot_acc_vs_cutoff(ideal, tmp_path / "ideal.png") is not None
+    assert len(drawn) == 2
