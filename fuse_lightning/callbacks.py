@@ -1,4 +1,5 @@
-"""Callbacks of the FUSE run: export the protected set after fit, and show what delta looks like."""
+"""Callbacks of the FUSE run: export the protected set after fit, show what delta looks like, and
+send the resolved config to W&B."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+import yaml
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torchvision.utils import make_grid, save_image
 
 from fuse_lightning import spectral
@@ -27,6 +31,11 @@ def export_dir(out_dir: str | Path | None, default_root_dir: str | Path) -> Path
     return Path(out_dir) if out_dir is not None else Path(default_root_dir) / "protected"
 
 
+def wandb_loggers(trainer: L.Trainer) -> list[WandbLogger]:
+    """The trainer's W&B loggers (none when it logs elsewhere or not at all)."""
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
 class ProtectOnFitEnd(L.Callback):
     """After `fit`, write the protected training set (source format + manifest.json).
 
@@ -37,13 +46,30 @@ class ProtectOnFitEnd(L.Callback):
         overwrite: Replace an existing destination instead of failing.
         mode: "samplewise" or "classwise"; default: the module's `mode`.
         enabled: Set false to skip the export (e.g. during quick checks).
+        log_artifact: With a W&B logger, log the export as a `protected-dataset` artifact of the
+            run (`fuse_lightning.wandb_artifacts.log_protected_set`).
+        artifact_name: Its name; default: `<run directory name>-protected`, or the name of
+            `out_dir`.
+        artifact_aliases: Extra aliases of the artifact (W&B adds `latest`).
     """
 
-    def __init__(self, out_dir: str | None = None, overwrite: bool = False, mode: str | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str | None = None,
+        overwrite: bool = False,
+        mode: str | None = None,
+        enabled: bool = True,
+        log_artifact: bool = True,
+        artifact_name: str | None = None,
+        artifact_aliases: list[str] | None = None,
+    ) -> None:
         self.out_dir = out_dir
         self.overwrite = overwrite
         self.mode = mode
         self.enabled = enabled
+        self.log_artifact = log_artifact
+        self.artifact_name = artifact_name
+        self.artifact_aliases = list(artifact_aliases or ())
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,6 +97,25 @@ class ProtectOnFitEnd(L.Callback):
         finally:
             pl_module.cpu()
         pl_module.print(f"protected training set written to {out}")
+        if self.log_artifact:
+            self._log_artifact(trainer, out, pl_module)
+
+    def _log_artifact(self, trainer: L.Trainer, out: Path, pl_module: L.LightningModule) -> None:
+        """Log the export as an artifact of each W&B run of the trainer (rank 0 only, no collectives)."""
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            return
+        from fuse_lightning.wandb_artifacts import default_artifact_name, log_protected_set
+
+        name = self.artifact_name or default_artifact_name(out)
+        for logger in loggers:
+            try:
+                reference = log_protected_set(out, name, run=logger.experiment, aliases=self.artifact_aliases)
+            except Exception as exc:  # noqa: BLE001 - the export on disk stands; say why W&B lacks it
+                rank_zero_warn(f"protected set {out} was not logged to W&B ({type(exc).__name__}: {exc}); "
+                               f"log it later with fuse_lightning.wandb_artifacts.log_protected_set")
+                continue
+            pl_module.print(f"protected training set logged to W&B as {reference}")
 
 
 def _figure_to_tensor(fig) -> torch.Tensor:
@@ -148,11 +193,22 @@ class PerturbationMonitor(L.Callback):
         spectrum = _figure_to_tensor(spectrum_figure(delta, images, f"epoch {trainer.current_epoch}"))
         self._log(trainer, {"media/grid_clean_delta_protected": grid, "media/delta_spectrum": spectrum})
 
+    CAPTIONS = {
+        "media/grid_clean_delta_protected": "rows: clean | delta (mid-grey = 0, +-eps = white/black) | protected",
+        "media/delta_spectrum": "radially averaged power spectrum of delta and of the clean images",
+    }
+
     def _log(self, trainer: L.Trainer, images: dict[str, torch.Tensor]) -> None:
-        logger = trainer.logger
-        if logger is not None and type(logger).__name__ == "WandbLogger":
-            for key, tensor in images.items():
-                logger.log_image(key=key, images=[tensor.permute(1, 2, 0).cpu().numpy()], step=trainer.global_step)
+        loggers = wandb_loggers(trainer)
+        if loggers:
+            # The step Lightning's own metrics use (`trainer/global_step` on the W&B x-axis); with
+            # manual optimization `global_step` counts every optimizer step instead.
+            step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+            for logger in loggers:  # `log_image` wraps each array in a `wandb.Image`
+                for key, tensor in images.items():
+                    caption = f"epoch {trainer.current_epoch}: {self.CAPTIONS.get(key, key)}"
+                    logger.log_image(key=key, images=[tensor.permute(1, 2, 0).cpu().numpy()], step=step,
+                                     caption=[caption])
             return
         # why not `trainer.log_dir`: under DDP it broadcasts from rank 0, and this hook runs on rank 0
         # only, so the other ranks would never answer (a hang, seen with 2 CPU processes).
@@ -163,7 +219,46 @@ class PerturbationMonitor(L.Callback):
             save_image(tensor, root / f"{name}_epoch{trainer.current_epoch:03d}.png")
 
 
-__all__ = ["PerturbationMonitor", "ProtectOnFitEnd", "export_dir", "spectrum_figure"]
+__all__ = [
+    "LoggedSaveConfigCallback",
+    "PerturbationMonitor",
+    "ProtectOnFitEnd",
+    "ThroughputLogger",
+    "export_dir",
+    "spectrum_figure",
+    "wandb_loggers",
+]
+
+
+class LoggedSaveConfigCallback(SaveConfigCallback):
+    """Lightning's `SaveConfigCallback` (config.yaml in the log directory), and with a W&B logger
+    the resolved config in the run's config and `lightning_config.yaml` in the run's files.
+
+    `wandb` names its own run-config file `config.yaml`, hence the other name. `save_config` runs
+    on rank 0 only and makes no collective call (the parent's `setup` does those on every rank).
+    """
+
+    RUN_FILE = "lightning_config.yaml"
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            return
+        try:
+            text = self.parser.dump(self.config, skip_none=False)
+            config = yaml.safe_load(text)
+        except Exception as exc:  # noqa: BLE001 - an undumpable value must not stop training
+            rank_zero_warn(f"the resolved config was not sent to W&B ({type(exc).__name__}: {exc})")
+            return
+        for logger in loggers:
+            logger.log_hyperparams(config)
+            run = logger.experiment
+            run_dir = getattr(run, "dir", None)
+            if not run_dir:  # a disabled run has no files directory
+                continue
+            path = Path(run_dir) / self.RUN_FILE
+            path.write_text(text)
+            run.save(str(path), base_path=str(run_dir), policy="now")
 
 
 class ThroughputLogger(L.Callback):

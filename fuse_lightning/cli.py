@@ -49,7 +49,9 @@ class FuseCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except BaseException:
             remove_empty_log_dir(getattr(self.trainer, "log_dir", None))
+            finish_wandb_runs(self.trainer, exit_code=1)
             raise
+        finish_wandb_runs(self.trainer, exit_code=0)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Trainer-method kwargs, with checkpoints (`--ckpt_path`) always loaded weights-only."""
@@ -103,6 +105,26 @@ class StepReseed(L.Callback):
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+
+def finish_wandb_runs(trainer: L.Trainer | None, exit_code: int) -> None:
+    """Close the W&B runs of the trainer's loggers once its subcommand is over.
+
+    Lightning leaves them open until the process exits, so a second command in the same process
+    (tests, scripts calling `main`) would log into the first one's run. Rank 0 only; no
+    collective calls.
+    """
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        run = getattr(logger, "_experiment", None) if isinstance(logger, WandbLogger) else None
+        if run is not None and hasattr(run, "finish"):
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as exc:  # noqa: BLE001 - the command's own outcome matters more
+                print(f"fuse: warning: closing the W&B run failed ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 # Files a run writes before it has produced anything.
@@ -164,11 +186,15 @@ set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FuseCLI:
     """Build (and by default run) the LightningCLI; used by `main` and by the tests."""
+    from fuse_lightning.callbacks import LoggedSaveConfigCallback
+
     return FuseCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        # config.yaml in the log directory; with a W&B logger also the run's config and files.
+        save_config_callback=LoggedSaveConfigCallback,
         # Re-running a config in the same log directory must not fail on the saved config.
         save_config_kwargs={"overwrite": True},
         # OmegaConf interpolation over the merged config (every --config and dotted flag first):

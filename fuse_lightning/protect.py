@@ -399,6 +399,8 @@ def protect_main(argv: list[str]) -> int:
     parser.add_argument("--tile", type=int, default=512, help="--images: tile side in pixels (bounds memory)")
     parser.add_argument("--overlap", type=int, default=32, help="--images: context margin of each tile")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
+    parser.add_argument("--wandb_project", default=None, help="also log the export as a W&B artifact in this project")
+    parser.add_argument("--wandb_artifact", default=None, help="its artifact name (default: the --out directory's name)")
     args, rest = parser.parse_known_args(argv)
     ckpt = Path(args.ckpt)
     if not ckpt.is_file():
@@ -432,4 +434,8 @@ def protect_main(argv: list[str]) -> int:
             manifest=info, overwrite=args.overwrite, device=device,
         )
     print(f"protected data written to {out}")
+    if args.wandb_project:
+        from fuse_lightning.wandb_artifacts import log_export
+
+        log_export(out, args.wandb_project, args.wandb_artifact, "fuse protect")
     return 0

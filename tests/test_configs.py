@@ -120,8 +120,9 @@ def test_wandb_offline_logging(tiny_cifar10, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):  # nothing under ~
+        monkeypatch.setenv(var, str(tmp_path))
     cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
     assert main(["fit", "--config", str(cfg), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
                  *data_args(cfg, {"cifar10": tiny_cifar10}), "--trainer.max_epochs", "1",

@@ -59,6 +59,14 @@ def build_parser() -> ArgumentParser:
         "--progress", action=ActionYesNo, default=True,
         help="Show progress bars (--no_progress also silences the method's own bars).",
     )
+    parser.add_argument(
+        "--wandb_project", type=str | None, default=None,
+        help="Also log the export as a W&B artifact (type protected-dataset) in this project.",
+    )
+    parser.add_argument(
+        "--wandb_artifact", type=str | None, default=None,
+        help="Name of that artifact (default: the --out directory's name).",
+    )
     return parser
 
 
@@ -101,4 +109,8 @@ def baseline_main(argv: list[str]) -> int:
         print(f"fuse baseline: error: {exc}", file=sys.stderr)
         return 1
     print(f"fuse baseline: wrote {method.name} protected training set to {path}")
+    if cfg.wandb_project:
+        from fuse_lightning.wandb_artifacts import log_export
+
+        log_export(path, cfg.wandb_project, cfg.wandb_artifact, "fuse baseline")
     return 0
