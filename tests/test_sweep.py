@@ -212,7 +212,6 @@ def test_cli_help_print_config_and_dry_run(basic: S.Sweep, capsys):
     assert out.count("fuse_lightning fit") == 16 and out.count("fuse_lightning baseline") == 1
     assert SW.main([str(basic.path), "--grid.arch", "[nosuchnet]"]) == 2
     assert "grid.arch" in capsys.readouterr().err
-    assert SW.main([str(basic.path), "--dry-run"]) == 2  # one flag style: underscores
 
 
 # ------------------------------------------------------------------------------ execution
