@@ -96,8 +96,11 @@ def _run(parser: ArgumentParser, cfg: Namespace) -> int:
     backend = None
     if cfg.backend == "wandb":
         from fuse_lightning.sweep import wandb_backend as backend
+    if cfg.report_only and backend:
+        return backend.report(sweep, cfg.data_dir)
     if cfg.report_only:
-        return backend.report(sweep, cfg.data_dir) if backend else (write_sweep_report(sweep, data_dir=cfg.data_dir) and 0)
+        write_sweep_report(sweep, data_dir=cfg.data_dir)
+        return 0
     data_dir = cfg.data_dir or os.environ.get("FUSE_DATA_DIR", "data")
     if missing := missing_files(sweep):
         raise SweepError(f"{sweep.path}: config file(s) not found: {missing}")

@@ -143,17 +143,9 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
                 extra_args: Sequence[str] = (), executor: Executor = execute) -> dict[str, Any]:
     """Train one victim; turn the `result.json` of its ResultWriter into the sweep's result row.
 
-    Args:
-        sweep: The sweep.
-        run: The grid point.
-        data_dir: Dataset root.
-        env: Extra environment variables (e.g. `CUDA_VISIBLE_DEVICES`).
-        extra_args: Appended to the victim command, not part of `run_key` (device, logger).
-        executor: Runs the command; replaceable in tests.
-
-    Returns:
-        The row written to `result.json` (with `run_key`, the portable `command`); on failure
-        `{"run_id", "error", "log", "tail"}`, also written to `failed.json`.
+    `env` (e.g. `CUDA_VISIBLE_DEVICES`) and `extra_args` (device, logger flags; not part of
+    `run_key`) go to the child; `executor` runs it (replaceable in tests). Returns the row written
+    to `result.json`, or on failure `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
     """
     cmd = S.victim_command(sweep, run, data_dir) + list(extra_args)
     run.run_dir.mkdir(parents=True, exist_ok=True)

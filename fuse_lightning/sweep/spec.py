@@ -128,15 +128,8 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class Method:
-    """A method as the sweep runs it: its spec and its directories.
-
-    Attributes:
-        name: Name in the grid.
-        spec: The method's entry of the sweep file (from `from_sweep`'s file where used).
-        method_dir: Where its command runs and logs (`prepare.log`, `prepare.json`); None
-            without a command.
-        protected_dir: Its training set; None for the clean set.
-    """
+    """A method as the sweep runs it: its spec (from `from_sweep`'s file where used), the directory
+    its command runs in (None without a command) and its training set (None: the clean set)."""
 
     name: str
     spec: MethodSpec
@@ -212,14 +205,7 @@ def spec_from(parser: ArgumentParser, cfg: Namespace) -> SweepSpec:
 
 
 def load_sweep(path: str | os.PathLike, args: Sequence[str] = ()) -> Sweep:
-    """Read and validate a sweep file.
-
-    Args:
-        path: YAML sweep file.
-        args: Dotted overrides of its fields, e.g. `["--work_dir", "outputs/x"]`.
-
-    Returns:
-        The `Sweep`.
+    """Read and validate a sweep file, with dotted overrides of its fields (`["--work_dir", "x"]`).
 
     Raises:
         SweepError: A missing file, unknown keys or values of the wrong type, a grid method that
@@ -423,13 +409,8 @@ def read_result(run: Run) -> dict[str, Any] | None:
 
 
 def result_is_current(sweep: Sweep, run: Run, data_dir: str | os.PathLike | None) -> bool:
-    """Whether the run's `result.json` holds the `run_key` of the command the sweep would run now.
-
-    Args:
-        sweep: The sweep.
-        run: The grid point.
-        data_dir: Dataset root; None compares with the one the result records (`--report_only`).
-    """
+    """Whether the run's `result.json` holds the `run_key` of the command the sweep would run now
+    (`data_dir` None: with the data dir the result records, as `--report_only` does)."""
     row = read_result(run)
     if row is None or (data_dir is None and row.get("data_dir") is None):
         return False

@@ -89,12 +89,12 @@ def local_copy(sweep: Sweep, ref: str) -> Path:
 def from_artifacts(sweep: Sweep, refs: dict[str, str], fetch: tuple[str, ...] = ()) -> Sweep:
     """The sweep with each method's protected set taken from its artifact's local copy (those
     named in `fetch` are downloaded and verified first); runs keyed on the artifact version."""
-    from fuse_lightning.wandb_artifacts import fetch_protected_set
-
     methods = dict(sweep.methods)
     for name, ref in refs.items():
         local = local_copy(sweep, ref)
         if name in fetch:
+            from fuse_lightning.wandb_artifacts import fetch_protected_set
+
             local = Path(fetch_protected_set(ref, local, project=where(sweep)[0]))
         methods[name] = Method(name, MethodSpec(protected_dir=str(local)), None, local)
     return replace(sweep, methods=methods)
@@ -121,17 +121,8 @@ def sweep_config(sweep: Sweep, refs: dict[str, str]) -> dict[str, Any]:
 
 
 def trial(sweep: Sweep, data_dir: str, params: dict[str, Any], executor: L.Executor = L.execute) -> dict[str, Any]:
-    """One grid point as an agent runs it: fetch its protected set, train the victim logging live.
-
-    Args:
-        sweep: The sweep.
-        data_dir: Dataset root.
-        params: The trial's `method`, `arch`, `filter`, `seed` and `protected_sets`.
-        executor: Runs the victim; replaceable in tests.
-
-    Returns:
-        The result row (see `local.execute_run`).
-    """
+    """One grid point as an agent runs it (`params`: `method`, `arch`, `filter`, `seed`,
+    `protected_sets`): fetch its protected set, train the victim logging live; the result row."""
     point = (params["method"], params["arch"], params["filter"], int(params["seed"]))
     run = next((r for r in S.expand_grid(sweep) if (r.method, r.arch, r.filter, r.seed) == point), None)
     if run is None:
