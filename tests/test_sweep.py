@@ -193,7 +193,7 @@ grid: {{method: [clean, noise, fixed], arch: [fastnet], filter: [bandpass-ideal-
         S.load_sweep(loop)
 
 
-def test_cli_help_print_config_and_dry_run(basic: S.Sweep, capsys):
+def test_cli_help_print_config_and_dry_run(basic: S.Sweep, tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as info:
         SW.main(["--help"])
     assert info.value.code == 0
@@ -212,6 +212,10 @@ def test_cli_help_print_config_and_dry_run(basic: S.Sweep, capsys):
     assert out.count("fuse_lightning fit") == 16 and out.count("fuse_lightning baseline") == 1
     assert SW.main([str(basic.path), "--grid.arch", "[nosuchnet]"]) == 2
     assert "grid.arch" in capsys.readouterr().err
+    bad = write_sweep(tmp_path, BASIC.replace("  clean: {}", "  clean: {comand: fit}"), "bad.yaml")
+    assert SW.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "comand" in err
 
 
 # ------------------------------------------------------------------------------ execution
@@ -575,11 +579,11 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
 
     monkeypatch.chdir(REPO)
     sweep = S.load_sweep(path.relative_to(REPO))
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     commands = []
     for run in S.expand_grid(sweep):
-        if (run.method, run.arch) not in seen:  # one victim command per method x architecture
-            seen.add((run.method, run.arch))
+        if not {run.method, run.arch} <= seen:  # every method and every architecture once
+            seen |= {run.method, run.arch}
             commands.append(S.victim_command(sweep, run, "data"))
     commands.append(S.victim_command(sweep, run, "data") + W.logger_args(sweep, run))
     commands += [S.prepare_command(sweep.methods[m], "data") for m in sweep.grid.method

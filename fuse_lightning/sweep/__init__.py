@@ -83,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "rerun the same command to resume", file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except (SweepError, ArgumentError) as exc:
-        print(f"fuse sweep: error: {exc}", file=sys.stderr)
+        where = f"{argv[1]}: " if isinstance(exc, ArgumentError) and argv[:1] == ["--config"] else ""
+        print(f"fuse sweep: error: {where}{exc}", file=sys.stderr)
         return 2
 
 

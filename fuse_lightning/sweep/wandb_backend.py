@@ -211,6 +211,7 @@ def log_summary(sweep: Sweep, data_dir: str | None) -> None:
     """A W&B run grouped with the victims: the results as a `wandb.Table`, the report's plots as images."""
     wandb = _wandb()
     project, entity = where(sweep)
+    sweep.work_dir.mkdir(parents=True, exist_ok=True)
     summary = wandb.init(project=project, entity=entity, group=sweep.name, job_type="summary",
                          name=f"{sweep.name}-summary", dir=str(sweep.work_dir))
     rows = L.sweep_rows(sweep, data_dir)
