@@ -31,16 +31,16 @@ fit: ## The main job: train FUSE on CIFAR-10 (configs/fuse_cifar10.yaml; GPU-sca
 	$(BIN)/lightning fit --config configs/fuse_cifar10.yaml --data.init_args.data_dir $(DATA_DIR)
 
 demo: ## CPU-sized end-to-end run: FUSE, protect, victims on clean/EM/FUSE data, print the table
-	$(BIN)/python -m fuse_lightning.demo --data-dir $(DATA_DIR)
+	$(BIN)/python -m fuse_lightning.demo --data_dir $(DATA_DIR)
 
 sweep: ## Run a sweep grid: make sweep SWEEP=configs/sweeps/<name>.yaml [BACKEND=local|wandb]
-	$(BIN)/fuse sweep $(SWEEP) --data-dir $(DATA_DIR) --backend $(BACKEND)
+	$(BIN)/fuse sweep $(SWEEP) --data_dir $(DATA_DIR) --backend $(BACKEND)
 
 bench: ## Benchmarks as ratios (Lightning vs plain loops, FLOP bound, time to a protected set); docs/benchmarks.md
-	$(BIN)/python -m fuse_lightning.bench --data-dir $(DATA_DIR) --json outputs/bench.json
+	$(BIN)/python -m fuse_lightning.bench --data_dir $(DATA_DIR) --json outputs/bench.json
 
-gpu-check: ## The whole GPU path in ~6 min on one GPU; report in experiments/results/gpu_check (ARGS=--dry-run to print the plan)
-	$(BIN)/python -m fuse_lightning.gpu_check --data-dir $(DATA_DIR) $(ARGS)
+gpu-check: ## The whole GPU path in ~6 min on one GPU; report in experiments/results/gpu_check (ARGS=--dry_run to print the plan)
+	$(BIN)/python -m fuse_lightning.gpu_check --data_dir $(DATA_DIR) $(ARGS)
 
 clean: ## Remove logs and caches (keeps .venv and experiments/results)
 	rm -rf logs lightning_logs wandb .pytest_cache .ruff_cache

@@ -7,7 +7,7 @@ Every figure is measured side by side in one run, on the same device, model, bat
 - FUSE training: `FUSEModule` under the Trainer against the same step written as a plain loop;
 - protection: generator inference + uint8 quantisation, against the FLOP bound of this device
   (the generator's counted FLOPs at the measured dense-matmul rate, the best a conv net can do);
-- end to end (`--data-dir`, not with `--quick`): wall time to a protected CIFAR-10 training set
+- end to end (`--data_dir`, not with `--quick`): wall time to a protected CIFAR-10 training set
   with the shipped CPU configs, FUSE (train + export) against EM sample-wise and class-wise;
 - peak memory of each: every item runs in its own process, so its peak RSS (and peak CUDA
   memory) is its own.
@@ -18,7 +18,6 @@ issue notes; tests never assert on time (`--json` writes them for tools such as 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,12 +26,14 @@ import statistics
 import subprocess
 import sys
 import time
+from argparse import SUPPRESS
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -299,7 +300,7 @@ def run_item(name: str, device: torch.device, batch: int, steps: int, precision:
     return out
 
 
-def spawn_item(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def spawn_item(name: str, args: Namespace) -> dict[str, Any]:
     """Run one item in a fresh process and return its JSON line."""
     cmd = [sys.executable, "-m", "fuse_lightning.bench", "--item", name, "--device", args.device,
            "--batch", str(args.batch), "--steps", str(args.steps)]
@@ -352,15 +353,16 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fuse-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--batch", type=int, default=256, help="training batch size of every item")
-    parser.add_argument("--steps", type=int, default=20, help="training steps per item (3 are warm-up)")
-    parser.add_argument("--precision", default=None, help="Lightning precision, e.g. bf16-mixed (default: fp32)")
-    parser.add_argument("--quick", action="store_true", help="skip the end-to-end times")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 root for the end-to-end times")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    parser.add_argument("--item", default=None, help=argparse.SUPPRESS)  # child process: one item
+    parser = ArgumentParser(prog="python -m fuse_lightning.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda or auto.")
+    parser.add_argument("--batch", type=int, default=256, help="Training batch size of every item.")
+    parser.add_argument("--steps", type=int, default=20, help="Training steps per item (3 are warm-up).")
+    parser.add_argument("--precision", type=str | None, default=None,
+                        help="Lightning precision, e.g. bf16-mixed (default: fp32).")
+    parser.add_argument("--quick", action=ActionYesNo, nargs="?", default=False, help="Skip the end-to-end times.")
+    parser.add_argument("--data_dir", type=str | None, default=None, help="CIFAR-10 root for the end-to-end times.")
+    parser.add_argument("--json", type=str | None, default=None, help="Also write the figures to this JSON file.")
+    parser.add_argument("--item", type=str | None, default=None, help=SUPPRESS)  # child process: one item
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

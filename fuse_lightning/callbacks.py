@@ -295,3 +295,55 @@ class ThroughputLogger(L.Callback):
         seconds = time.perf_counter() - self._start
         pl_module.log("perf/epoch_seconds", seconds, sync_dist=False)
         pl_module.log("perf/train_img_per_s", self._images / max(seconds, 1e-9), sync_dist=False)
+
+
+class ResultWriter(L.Callback):
+    """Write the run's accuracies to `result.json` when fit ends (atomically: temporary file, rename).
+
+    Read from `trainer.callback_metrics`, so any logger (CSV, W&B, none) works. The file holds
+    `val_acc` (the monitored metric at the final validation: the number an attacker gets, who
+    cannot early-stop on test data), `best_val_acc` (its maximum over validations), `train_acc`
+    (last value), `epochs` (validations seen), `num_classes` (the model's hyper-parameter) and
+    `metrics` (every scalar in `callback_metrics` at the end). The values seen survive a resume
+    from a checkpoint.
+
+    Args:
+        path: Destination; default `<trainer.default_root_dir>/result.json`.
+        monitor: The accuracy to report.
+        train_metric: The training accuracy to report.
+    """
+
+    def __init__(self, path: str | None = None, monitor: str = "val/acc", train_metric: str = "train/acc") -> None:
+        self.path = path
+        self.monitor = monitor
+        self.train_metric = train_metric
+        self.values: list[float] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if not trainer.sanity_checking and value is not None:
+            self.values.append(float(value))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state_dict: dict[str, list[float]]) -> None:
+        self.values = list(state_dict.get("values", []))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        from fuse_lightning.results import atomic_write_text
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        result = {
+            "val_acc": self.values[-1] if self.values else None,
+            "best_val_acc": max(self.values) if self.values else None,
+            "train_acc": metrics.get(self.train_metric),
+            "epochs": len(self.values),
+            "num_classes": getattr(pl_module, "hparams", {}).get("num_classes"),
+            "metrics": metrics,
+        }
+        path = Path(self.path) if self.path else Path(trainer.default_root_dir) / "result.json"
+        atomic_write_text(path, json.dumps(result, indent=2))

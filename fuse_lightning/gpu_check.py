@@ -13,22 +13,21 @@ Stages (each one the command a user would type, run as a subprocess and timed):
 6. `sweep`    `fuse sweep configs/sweeps/gpu_check.yaml`: the local backend's one-victim-per-GPU
               path on a two-point grid.
 
-Everything a stage writes goes under `--work-dir` (configs/ is linked there, so the shipped
+Everything a stage writes goes under `--work_dir` (configs/ is linked there, so the shipped
 configs' relative output paths land inside it). The report (`report.md`, `report.json`, and
 `logs.txt` with the tail of every stage's log) is rewritten after each stage in `--out`, so a run
 cut short still reports what finished.
 
-`--dry-run` prints the plan and checks that every file it names exists; `--smoke` runs the
+`--dry_run` prints the plan and checks that every file it names exists; `--smoke` runs the
 whole plan on the CPU with a few batches per stage (what CI and a GPU-less machine can check).
 
-    python -m fuse_lightning.gpu_check --data-dir data            # on a GPU machine
-    python -m fuse_lightning.gpu_check --packed-data PACK         # data carried as JPEG mosaics
-    python -m fuse_lightning.gpu_check --data-dir data --dry-run  # the plan, nothing run
+    python -m fuse_lightning.gpu_check --data_dir data            # on a GPU machine
+    python -m fuse_lightning.gpu_check --packed_data PACK         # data carried as JPEG mosaics
+    python -m fuse_lightning.gpu_check --data_dir data --dry_run  # the plan, nothing run
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -40,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 50_000
@@ -69,7 +70,7 @@ def _logger_into(run_dir: Path) -> list[str]:
             "--trainer.logger.init_args.version", "", "--trainer.default_root_dir", str(run_dir)]
 
 
-def plan(args: argparse.Namespace, work: Path, data_dir: Path, victim_epochs: int) -> list[Stage]:
+def plan(args: Namespace, work: Path, data_dir: Path, victim_epochs: int) -> list[Stage]:
     """The stages of the check, in order (commands only; nothing runs here)."""
     gpu = ["--config", "configs/trainer/gpu.yaml", "--trainer.devices", "1"]
     limits: list[str] = []
@@ -110,9 +111,9 @@ def plan(args: argparse.Namespace, work: Path, data_dir: Path, victim_epochs: in
             if source == "fuse":
                 cmd += ["--data.protected_dir", str(protected)]
             stages.append(Stage(f"victim_{source}_{filt}", cmd, 60 * args.victim_minutes + 120, str(run_dir)))
-    sweep_cmd = _cli("sweep", "configs/sweeps/gpu_check.yaml", "--data-dir", str(data_dir))
+    sweep_cmd = _cli("sweep", "configs/sweeps/gpu_check.yaml", "--data_dir", str(data_dir))
     if args.smoke:
-        sweep_cmd.append("--dry-run")  # the sweep's victims want a GPU config
+        sweep_cmd.append("--dry_run")  # the sweep's victims want a GPU config
     stages.append(Stage("sweep", sweep_cmd, 300, str(work / "sweep_gpu_check")))
     return stages
 
@@ -283,26 +284,32 @@ def prepare_work_dir(work: Path) -> None:
         link.symlink_to(REPO / "configs", target_is_directory=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuse-gpu-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", help="directory holding cifar-10-batches-py/")
-    parser.add_argument("--packed-data", help="a pack_cifar directory (JPEG mosaics) to unpack into the work dir")
-    parser.add_argument("--work-dir", default="outputs/gpu_check", help="scratch directory of every stage")
-    parser.add_argument("--out", default="experiments/results/gpu_check", help="report directory")
-    parser.add_argument("--fuse-epochs", type=int, default=6, help="FUSE epochs (the stop rule may end earlier)")
-    parser.add_argument("--fuse-seconds", type=int, default=90, help="FUSE wall-time cap in seconds (trainer.max_time)")
-    parser.add_argument("--victim-minutes", type=float, default=0.5, help="target training minutes per victim")
-    parser.add_argument("--victim-epochs", type=int, default=None, help="fix the victim epochs (default: from the bench)")
-    parser.add_argument("--only", default=None, help="comma-separated stage names to run (default: all)")
-    parser.add_argument("--dry-run", action="store_true", help="print the plan and check its files; run nothing")
-    parser.add_argument("--smoke", action="store_true", help="CPU, two batches per stage: check the orchestration")
+def build_parser() -> ArgumentParser:
+    """Arguments of the GPU check."""
+    parser = ArgumentParser(prog="python -m fuse_lightning.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", type=str | None, default=None, help="Directory holding cifar-10-batches-py/.")
+    parser.add_argument("--packed_data", type=str | None, default=None,
+                        help="A pack_cifar directory (JPEG mosaics) to unpack into the work dir.")
+    parser.add_argument("--work_dir", type=str, default="outputs/gpu_check", help="Scratch directory of every stage.")
+    parser.add_argument("--out", type=str, default="experiments/results/gpu_check", help="Report directory.")
+    parser.add_argument("--fuse_epochs", type=int, default=6, help="FUSE epochs (the stop rule may end earlier).")
+    parser.add_argument("--fuse_seconds", type=int, default=90, help="FUSE wall-time cap in seconds (trainer.max_time).")
+    parser.add_argument("--victim_minutes", type=float, default=0.5, help="Target training minutes per victim.")
+    parser.add_argument("--victim_epochs", type=int | None, default=None,
+                        help="Fix the victim epochs (default: from the bench).")
+    parser.add_argument("--only", type=str | None, default=None,
+                        help="Comma-separated stage names to run (default: all).")
+    parser.add_argument("--dry_run", action=ActionYesNo, nargs="?", default=False,
+                        help="Print the plan and check its files; run nothing.")
+    parser.add_argument("--smoke", action=ActionYesNo, nargs="?", default=False,
+                        help="CPU, two batches per stage: check the orchestration.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if bool(args.data_dir) == bool(args.packed_data):
-        build_parser().error("give exactly one of --data-dir or --packed-data")
+        build_parser().error("give exactly one of --data_dir or --packed_data")
     work = Path(args.work_dir).resolve()
     out = Path(args.out).resolve()
     data_dir = Path(args.data_dir).resolve() if args.data_dir else work / "data"
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: missing files: {missing}", file=sys.stderr)
             return 1
         if args.packed_data and not (Path(args.packed_data) / "pack.json").is_file():
-            print(f"error: --packed-data {args.packed_data}: no pack.json", file=sys.stderr)
+            print(f"error: --packed_data {args.packed_data}: no pack.json", file=sys.stderr)
             return 1
         return 0
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from jsonargparse import Namespace
 
 from fuse_lightning import gpu_check
 from fuse_lightning.data.cifar_format import read_cifar
@@ -44,7 +44,7 @@ def test_unpack_refuses_a_directory_without_pack_json(tmp_path):
 
 
 def test_dry_run_lists_every_stage(tmp_path, capsys):
-    assert gpu_check.main(["--data-dir", str(tmp_path), "--dry-run", "--work-dir", str(tmp_path / "w")]) == 0
+    assert gpu_check.main(["--data_dir", str(tmp_path), "--dry_run", "--work_dir", str(tmp_path / "w")]) == 0
     printed = capsys.readouterr().out
     for stage in ("tests", "bench", "fuse", "protect", "victim_clean_none", "victim_fuse_lowpass-ideal-0.5", "sweep"):
         assert f"# {stage} " in printed
@@ -54,15 +54,15 @@ def test_dry_run_lists_every_stage(tmp_path, capsys):
 
 def test_bad_arguments_exit_non_zero(tmp_path):
     with pytest.raises(SystemExit):
-        gpu_check.main(["--dry-run"])  # neither --data-dir nor --packed-data
+        gpu_check.main(["--dry_run"])  # neither --data_dir nor --packed_data
     with pytest.raises(SystemExit):
-        gpu_check.main(["--data-dir", str(tmp_path), "--dry-run", "--only", "nosuchstage"])
-    assert gpu_check.main(["--packed-data", str(tmp_path), "--dry-run"]) == 1  # no pack.json
+        gpu_check.main(["--data_dir", str(tmp_path), "--dry_run", "--only", "nosuchstage"])
+    assert gpu_check.main(["--packed_data", str(tmp_path), "--dry_run"]) == 1  # no pack.json
 
 
 def test_without_a_gpu_the_real_check_refuses(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gpu_check, "environment", lambda: {"torch": "x"})
-    assert gpu_check.main(["--data-dir", str(tmp_path), "--work-dir", str(tmp_path / "w"),
+    assert gpu_check.main(["--data_dir", str(tmp_path), "--work_dir", str(tmp_path / "w"),
                            "--out", str(tmp_path / "o")]) == 2
     assert "--smoke" in capsys.readouterr().err
 
@@ -80,9 +80,9 @@ def test_metrics_and_epochs_are_read_from_files(tmp_path):
     assert gpu_check.victim_epochs_from_bench(tmp_path / "missing.json", 0.5, default=8) == 8
 
 
-def args(**kw) -> argparse.Namespace:
+def args(**kw) -> Namespace:
     defaults = dict(smoke=True, fuse_epochs=1, fuse_seconds=60, victim_minutes=0.5)
-    return argparse.Namespace(**{**defaults, **kw})
+    return Namespace(**{**defaults, **kw})
 
 
 def value(cmd: list[str], flag: str) -> str:

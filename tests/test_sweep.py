@@ -1,40 +1,47 @@
-"""Sweep runner and result reporting: grid, validation, resume, parsing, tables, plots, end to end."""
+"""Sweeps and result reporting: spec, validation, commands, resume, stopping, W&B backend, tables, plots."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from fuse_lightning import results as R
-from fuse_lightning import sweep as S
+from fuse_lightning import sweep as SW
+from fuse_lightning.callbacks import ResultWriter
+from fuse_lightning.sweep import local as L
+from fuse_lightning.sweep import spec as S
+from fuse_lightning.sweep import wandb_backend as W
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-
-def write_sweep(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
 BASIC = """
 name: t
-results_dir: {tmp}/results
-work_dir: {tmp}/work
-victim_configs: [configs/victim_cifar10.yaml]
-victim_args: ["--trainer.max_epochs", "1"]
+results_dir: TMP/results
+work_dir: TMP/work
+victim:
+  configs: [configs/victim_cifar10.yaml]
+  overrides: {trainer.max_epochs: 1}
 methods:
-  clean: {{}}
+  clean: {}
   noise:
-    prepare:
-      - [fuse, baseline, --data.init_args.data_dir, "{{data_dir}}", --out, "{{protected_dir}}",
-         --log, "{{method_dir}}/x", --json, '{{"a": 1}}']
+    command: baseline
+    configs: [configs/baselines/random_cifar10.yaml]
+    overrides: {method.init_args.eps: 4, data.init_args.train_subset: 500}
+  gen:
+    command: fit
+    configs: [configs/fuse_cifar10_cpu.yaml]
+    overrides: {model.init_args.rsm.enabled: false, model.init_args.rsm.width_range: [0.1, 0.2]}
 grid:
   method: [noise, clean]
   arch: [fastnet, resnet18]
@@ -43,12 +50,22 @@ grid:
 """
 
 
+def write_sweep(tmp_path: Path, text: str, name: str = "s.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text.replace("TMP", str(tmp_path)))
+    return path
+
+
 @pytest.fixture
 def basic(tmp_path: Path) -> S.Sweep:
-    return S.load_sweep(write_sweep(tmp_path, BASIC.format(tmp=tmp_path)))
+    return S.load_sweep(write_sweep(tmp_path, BASIC))
 
 
-# ------------------------------------------------------------------------------ grid, commands
+def value(cmd: list[str], flag: str) -> str:
+    return cmd[len(cmd) - 1 - cmd[::-1].index(flag) + 1]  # the last occurrence wins, like the CLI
+
+
+# ------------------------------------------------------------------------------ spec, grid, commands
 
 
 def test_expand_grid_count_ids_and_order(basic: S.Sweep, tmp_path: Path):
@@ -67,37 +84,64 @@ def test_expand_grid_count_ids_and_order(basic: S.Sweep, tmp_path: Path):
     assert S.expand_grid(basic) == runs  # deterministic
 
 
-def test_victim_command_and_placeholders(basic: S.Sweep, tmp_path: Path):
+def test_spec_is_typed_with_defaults(basic: S.Sweep, tmp_path: Path):
+    assert isinstance(basic.spec, S.SweepSpec) and isinstance(basic.spec.victim, S.VictimSpec)
+    assert basic.spec.methods["noise"].command == "baseline"
+    assert basic.spec.methods["clean"] == S.MethodSpec()
+    assert basic.spec.keep_checkpoints is False and basic.spec.wandb == S.WandbSpec()
+    assert basic.methods["clean"].protected_dir is None
+    assert basic.methods["noise"].method_dir == tmp_path / "work" / "methods" / "noise"
+    assert basic.methods["noise"].protected_dir == tmp_path / "work" / "methods" / "noise" / "protected"
+    # Fields are overridable like any jsonargparse config.
+    moved = S.load_sweep(basic.path, ["--work_dir", str(tmp_path / "w2"), "--grid.seed", "[3]"])
+    assert moved.methods["gen"].protected_dir == tmp_path / "w2" / "methods" / "gen" / "protected"
+    assert [r.seed for r in S.expand_grid(moved)] == [3] * 8
+
+
+def test_victim_command(basic: S.Sweep, tmp_path: Path):
     runs = {r.run_id: r for r in S.expand_grid(basic)}
-    cmd = S.victim_command(basic, runs["noise__fastnet__lowpass-ideal-0.5__s1"], "/data")
+    run = runs["noise__fastnet__lowpass-ideal-0.5__s1"]
+    cmd = S.victim_command(basic, run, "/data")
     assert cmd[:4] == [sys.executable, "-m", "fuse_lightning", "fit"]
-
-    def value(flag: str) -> str:
-        return cmd[len(cmd) - 1 - cmd[::-1].index(flag) + 1]  # last occurrence wins, like the CLI
-
-    assert value("--config") == "configs/victim_cifar10.yaml"
-    assert value("--data.init_args.data_dir") == "/data"
-    assert value("--data.init_args.protected_dir") == str(tmp_path / "work" / "protected" / "noise")
-    assert value("--data.init_args.train_filter") == "lowpass-ideal-0.5"
-    assert value("--model.init_args.arch") == "fastnet"
-    assert value("--seed_everything") == "1"
-    run_dir = str(runs["noise__fastnet__lowpass-ideal-0.5__s1"].run_dir)
-    assert value("--trainer.logger.init_args.save_dir") == run_dir
-    assert value("--trainer.default_root_dir") == run_dir
-    assert value("--trainer.logger.init_args.version") == ""
+    assert value(cmd, "--config") == "configs/victim_cifar10.yaml"
+    assert value(cmd, "--trainer.max_epochs") == "1"
+    assert value(cmd, "--data.init_args.data_dir") == "/data"
+    assert value(cmd, "--data.init_args.protected_dir") == str(basic.methods["noise"].protected_dir)
+    assert value(cmd, "--data.init_args.train_filter") == "lowpass-ideal-0.5"
+    assert value(cmd, "--model.init_args.arch") == "fastnet"
+    assert value(cmd, "--seed_everything") == "1"
+    assert value(cmd, "--trainer.default_root_dir") == str(run.run_dir)
+    assert cmd[-1] == "--trainer.callbacks+=fuse_lightning.callbacks.ResultWriter"
     # The clean set has no protected_dir, and "none" adds no filter flag.
     clean = S.victim_command(basic, runs["clean__resnet18__none__s0"], "/data")
-    assert "--data.init_args.protected_dir" not in clean
-    assert "--data.init_args.train_filter" not in clean
+    assert "--data.init_args.protected_dir" not in clean and "--data.init_args.train_filter" not in clean
+    assert "--data.init_args.test_filter" not in cmd
+    basic.spec.filter_test_set = True  # band maps: train and test on the same band
+    assert value(S.victim_command(basic, run, "/data"), "--data.init_args.test_filter") == "lowpass-ideal-0.5"
 
-    method = basic.methods["noise"]
-    prep = S.expand_command(method.prepare[0], {"data_dir": "/d", "protected_dir": method.protected_dir,
-                                                "method_dir": method.method_dir, "work_dir": "w"})
-    assert prep[:4] == [sys.executable, "-m", "fuse_lightning", "baseline"]
-    assert prep[prep.index("--data.init_args.data_dir") + 1] == "/d"
-    assert prep[prep.index("--out") + 1] == str(tmp_path / "work" / "protected" / "noise")
-    assert prep[prep.index("--log") + 1] == str(tmp_path / "work" / "methods" / "noise" / "x")
-    assert prep[prep.index("--json") + 1] == '{"a": 1}'  # other braces are left alone
+
+def test_prepare_commands_derive_every_path(basic: S.Sweep, tmp_path: Path):
+    noise, gen = basic.methods["noise"], basic.methods["gen"]
+    cmd = S.prepare_command(noise, "/d")
+    assert cmd[:4] == [sys.executable, "-m", "fuse_lightning", "baseline"]
+    assert value(cmd, "--config") == "configs/baselines/random_cifar10.yaml"
+    assert value(cmd, "--method.init_args.eps") == "4" and value(cmd, "--data.init_args.train_subset") == "500"
+    assert value(cmd, "--data.init_args.data_dir") == "/d"
+    assert value(cmd, "--out") == str(noise.protected_dir)
+    cmd = S.prepare_command(gen, "/d")
+    assert cmd[3] == "fit" and "--out" not in cmd
+    assert value(cmd, "--model.init_args.rsm.enabled") == "false"
+    assert value(cmd, "--model.init_args.rsm.width_range") == "[0.1, 0.2]"
+    # ProtectOnFitEnd exports to <trainer.default_root_dir>/protected.
+    assert value(cmd, "--trainer.default_root_dir") == str(gen.method_dir)
+    assert gen.protected_dir == gen.method_dir / "protected"
+    assert S.prepare_command(basic.methods["clean"], "/d") is None
+
+
+def test_portable_commands_name_no_machine_paths(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    words = [sys.executable, "-m", "x", str(tmp_path / "work" / "a"), "/d", "rel/b", "--flag"]
+    assert S.portable(words) == ["python", "-m", "x", "work/a", os.path.relpath("/d"), "rel/b", "--flag"]
 
 
 @pytest.mark.parametrize(
@@ -107,58 +151,79 @@ def test_victim_command_and_placeholders(basic: S.Sweep, tmp_path: Path):
         (lambda t: t.replace("lowpass-ideal-0.5]", "lowpass-magic-0.5]"), "grid.filter"),
         (lambda t: t.replace("lowpass-ideal-0.5]", "lowpass-ideal-0.50]"), "should be written"),
         (lambda t: t.replace("arch: [fastnet, resnet18]", "arch: [fastnet, resnet9000]"), "grid.arch"),
-        (lambda t: t.replace("victim_args:", "victim_argz:"), "unknown keys ['victim_argz']"),
         (lambda t: t.replace("seed: [0, 1]", "seed: [0, 0]"), "grid.seed"),
-        (lambda t: t.replace("{{method_dir}}/x", "{{methd_dir}}/x"), "unknown placeholder {methd_dir}"),
-        (lambda t: t.replace("    prepare:", "    prepare:\n      - []\n    prepair:"), "methods.noise"),
-        (lambda t: t.replace("name: t\n", ""), "name: missing"),
+        (lambda t: t.replace("victim:", "victimz:"), "victimz"),
+        (lambda t: t.replace("command: baseline", "command: baselin"), "command"),
+        (lambda t: t.replace("command: baseline", "command: baseline\n    protected_dir: x"), "methods.noise"),
+        (lambda t: t.replace("  clean: {}", "  clean: {configs: [a.yaml]}"), "need a command"),
+        (lambda t: t.replace("  clean: {}", "  cl__ean: {}"), "'__'"),
+        (lambda t: t.replace("name: t\n", ""), "name"),
+        (lambda t: t.replace("name: t\n", "name: a b\n"), "name"),
     ],
 )
 def test_validation_errors_name_file_and_key(tmp_path: Path, edit, message: str):
-    path = write_sweep(tmp_path, edit(BASIC).format(tmp=tmp_path))
+    path = write_sweep(tmp_path, edit(BASIC))
     with pytest.raises(S.SweepError) as info:
         S.load_sweep(path)
     assert str(path) in str(info.value)
     assert message in str(info.value)
 
 
-def test_from_sweep_and_explicit_protected_dir(tmp_path: Path):
-    base = write_sweep(tmp_path, BASIC.format(tmp=tmp_path), "base.yaml")
+def test_from_sweep_and_existing_protected_dir(tmp_path: Path):
+    base = write_sweep(tmp_path, BASIC, "base.yaml")
     other = write_sweep(tmp_path, f"""
 name: other
-results_dir: {tmp_path}/r2
-work_dir: {tmp_path}/w2
+results_dir: TMP/r2
+work_dir: TMP/w2
 methods:
   clean: {{}}
   noise: {{from_sweep: {base}}}
-  fixed: {{protected_dir: "{{work_dir}}/elsewhere"}}
+  fixed: {{protected_dir: TMP/elsewhere}}
 grid: {{method: [clean, noise, fixed], arch: [fastnet], filter: [bandpass-ideal-0-0.25]}}
 """, "other.yaml")
     sweep = S.load_sweep(other)
-    assert sweep.methods["noise"].protected_dir == tmp_path / "work" / "protected" / "noise"
-    assert sweep.methods["noise"].prepare  # the commands come along
-    assert sweep.methods["fixed"].protected_dir == tmp_path / "w2" / "elsewhere"
-    assert sweep.grid["seed"] == [0]  # default
+    assert sweep.methods["noise"].protected_dir == tmp_path / "work" / "methods" / "noise" / "protected"
+    assert sweep.methods["noise"].spec.command == "baseline"  # the command comes along
+    assert sweep.methods["fixed"].protected_dir == tmp_path / "elsewhere"
+    assert S.prepare_command(sweep.methods["fixed"], "/d") is None
+    assert sweep.grid.seed == [0]  # default
     assert [r.run_id for r in S.expand_grid(sweep)][1] == "noise__fastnet__bandpass-ideal-0-0.25__s0"
-    # work_dir override (used by the demo) moves the sweep's own methods, not borrowed ones.
-    moved = S.load_sweep(other, work_dir=tmp_path / "w3")
-    assert moved.methods["fixed"].protected_dir == tmp_path / "w3" / "elsewhere"
-    assert moved.methods["noise"].protected_dir == tmp_path / "work" / "protected" / "noise"
+    loop = write_sweep(tmp_path, BASIC.replace("  clean: {}", "  clean: {from_sweep: TMP/loop.yaml}"), "loop.yaml")
+    with pytest.raises(S.SweepError, match="refers back to itself"):
+        S.load_sweep(loop)
+
+
+def test_cli_help_print_config_and_dry_run(basic: S.Sweep, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as info:
+        SW.main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for words in ("--data_dir", "--dry_run", "--report_only", "--max_runs", "--grid.filter", "Victim architectures"):
+        assert words in text
+    with pytest.raises(SystemExit) as info:
+        SW.main([str(basic.path), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["methods"]["clean"]["command"] is None  # expanded: every field, typed
+    assert printed["methods"]["gen"]["overrides"]["model.init_args.rsm.enabled"] is False
+    assert printed["grid"]["seed"] == [0, 1]
+    assert SW.main([str(basic.path), "--dry_run", "--data_dir", "/d"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fuse_lightning fit") == 16 and out.count("fuse_lightning baseline") == 1
+    assert SW.main([str(basic.path), "--grid.arch", "[nosuchnet]"]) == 2
+    assert "grid.arch" in capsys.readouterr().err
+    bad = write_sweep(tmp_path, BASIC.replace("  clean: {}", "  clean: {comand: fit}"), "bad.yaml")
+    assert SW.main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "comand" in err
 
 
 # ------------------------------------------------------------------------------ execution
 
 
-def fake_metrics(val: list[float], train: list[float]) -> str:
-    lines = ["epoch,step,train/acc,train/loss_epoch,val/acc,val/loss"]
-    for epoch, (v, t) in enumerate(zip(val, train, strict=True)):
-        lines.append(f"{epoch},{10 * epoch + 9},,,{v},1.0")
-        lines.append(f"{epoch},{10 * epoch + 9},{t},0.5,,")
-    return "\n".join(lines) + "\n"
-
-
 class FakeExecutor:
-    """Stands in for a victim process: writes metrics.csv where the logger would."""
+    """Stands in for the children: a victim's ResultWriter writes result.json into its run
+    directory; a baseline writes a protected set with its manifest to --out."""
 
     def __init__(self, fail: set[str] = frozenset()):
         self.calls: list[list[str]] = []
@@ -166,29 +231,37 @@ class FakeExecutor:
 
     def __call__(self, cmd, log_path, env):
         self.calls.append(cmd)
-        run_dir = Path(cmd[cmd.index("--trainer.logger.init_args.save_dir") + 1])
+        if "--out" in cmd:
+            out = Path(value(cmd, "--out"))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "manifest.json").write_text(json.dumps({"cmd": cmd}))
+            return 0
+        run_dir = Path(value(cmd, "--trainer.default_root_dir"))
         if run_dir.name in self.fail:
             log_path.write_text("Traceback ...\nRuntimeError: boom\n")
             return 3
-        seed = int(cmd[cmd.index("--seed_everything") + 1])
-        (run_dir / "metrics.csv").write_text(fake_metrics([0.3, 0.5 + 0.1 * seed, 0.4], [0.6, 0.7, 0.8]))
-        (run_dir / "hparams.yaml").write_text("arch: fastnet\nnum_classes: 10\n")
+        seed = int(value(cmd, "--seed_everything"))
+        (run_dir / "result.json").write_text(json.dumps(
+            {"val_acc": 0.4, "best_val_acc": 0.5 + 0.1 * seed, "train_acc": 0.8, "epochs": 3, "num_classes": 10}))
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"x")
         return 0
 
 
-def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep):
+def run_ids(calls: list[list[str]]) -> list[str]:
+    return [Path(value(c, "--trainer.default_root_dir")).name for c in calls]
+
+
+def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     runs = [r for r in S.expand_grid(basic) if r.method == "clean" and r.arch == "fastnet"]
     done = runs[0]
     done.run_dir.mkdir(parents=True)
     done.result_path.write_text(json.dumps({"run_id": done.run_id, "val_acc": 0.9,
                                             "run_key": S.run_key(basic, done, "/data")}))
     executor = FakeExecutor(fail={runs[1].run_id})
-    summary = S.run_victims(basic, runs, "/data", executor=executor, log=lambda s: None)
-    executed = [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in executor.calls]
-    assert done.run_id not in executed
-    assert executed == [r.run_id for r in runs[1:]]
+    summary = L.run_victims(basic, runs, "/data", executor=executor, log=lambda s: None)
+    assert run_ids(executor.calls) == [r.run_id for r in runs[1:]]
     assert summary.skipped == 1
     assert [f["run_id"] for f in summary.failed] == [runs[1].run_id]
     assert "boom" in json.loads((runs[1].run_dir / "failed.json").read_text())["tail"]
@@ -196,107 +269,100 @@ def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep):
     row = json.loads(runs[3].result_path.read_text())
     assert row["val_acc"] == pytest.approx(0.4) and row["best_val_acc"] == pytest.approx(0.6)
     assert row["num_classes"] == 10 and row["filter"] == "lowpass-ideal-0.5" and row["seed"] == 1
+    # Portable: `python`, paths relative to where the sweep runs.
+    assert row["command"].startswith("python -m fuse_lightning fit") and str(tmp_path) not in row["command"]
+    assert row["data_dir"] == os.path.relpath("/data")
     assert not (runs[3].run_dir / "checkpoints" / "last.ckpt").exists()  # keep_checkpoints: false
     # A rerun executes only the failed run.
     again = FakeExecutor()
-    summary = S.run_victims(basic, runs, "/data", executor=again, log=lambda s: None)
+    summary = L.run_victims(basic, runs, "/data", executor=again, log=lambda s: None)
     assert len(again.calls) == 1 and summary.skipped == 3 and not summary.failed
     assert not (runs[1].run_dir / "failed.json").exists()
 
 
+def test_a_run_without_val_acc_fails(basic: S.Sweep):
+    run = S.expand_grid(basic)[0]
+    row = L.execute_run(basic, run, "/d", executor=lambda cmd, log, env: 0)
+    assert "no val/acc" in row["error"] and not run.result_path.exists()
+
+
 def test_max_runs_limits_pending_runs(basic: S.Sweep):
     executor = FakeExecutor()
-    summary = S.run_victims(basic, S.expand_grid(basic), "/d", max_runs=2, executor=executor, log=lambda s: None)
+    summary = L.run_victims(basic, S.expand_grid(basic), "/d", max_runs=2, executor=executor, log=lambda s: None)
     assert len(executor.calls) == 2 and len(summary.finished) == 2
 
 
-def test_prepare_skips_existing_sets_and_reports_failures(basic: S.Sweep):
+def test_prepare_skips_current_sets_and_reports_failures(basic: S.Sweep):
     calls = []
 
-    def executor(cmd, log_path, env):
+    def failing(cmd, log_path, env):
         calls.append(cmd)
         return 1
 
-    assert S.prepare_methods(basic, ["clean", "noise"], "/d", executor, log=lambda s: None) == ["noise"]
+    assert L.prepare_methods(basic, ["clean", "noise"], "/d", failing, log=lambda s: None) == ["noise"]
     assert len(calls) == 1 and calls[0][3] == "baseline"
-    protected = basic.methods["noise"].protected_dir
-    protected.mkdir(parents=True)
-    (protected / "manifest.json").write_text("{}")
-    record = {"key": S.prepare_key(basic, basic.methods["noise"], "/d")}
-    R.atomic_write_text(basic.methods["noise"].record_path, json.dumps(record))
-    assert S.prepare_methods(basic, ["clean", "noise"], "/d", executor, log=lambda s: None) == []
-    assert len(calls) == 1
-
-
-def fake_prepare(calls: list):
-    """A prepare executor that writes the protected set's manifest where the command says."""
-
-    def executor(cmd, log_path, env):
-        calls.append(cmd)
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.json").write_text(json.dumps({"cmd": cmd}))
-        return 0
-
-    return executor
+    prepared = FakeExecutor()
+    assert L.prepare_methods(basic, ["clean", "noise"], "/d", prepared, log=lambda s: None) == []
+    record = json.loads(basic.methods["noise"].record_path.read_text())
+    assert record["key"] == S.prepare_key(basic.methods["noise"], "/d") and record["command"][0] == "python"
+    assert L.prepare_methods(basic, ["clean", "noise"], "/d", failing, log=lambda s: None) == []
+    assert len(calls) == 1 and len(prepared.calls) == 1
+    # A command that succeeds without writing the manifest fails the method.
+    assert L.prepare_methods(basic, ["gen"], "/d", lambda c, p, e: 0, log=lambda s: None) == ["gen"]
 
 
 def test_changed_settings_rerun_stale_runs_and_methods(tmp_path: Path, capsys):
-    """Unchanged settings skip finished work; changed victim_args or prepare commands redo it."""
-    path = write_sweep(tmp_path, BASIC.format(tmp=tmp_path))
+    """Unchanged settings skip finished work; a changed victim or method command redoes it."""
+    path = write_sweep(tmp_path, BASIC)
     sweep = S.load_sweep(path)
     runs = [r for r in S.expand_grid(sweep) if r.arch == "fastnet" and r.filter == "none" and r.seed == 0]
     assert [r.method for r in runs] == ["noise", "clean"]
-    prepared: list = []
-    assert S.prepare_methods(sweep, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
     executor = FakeExecutor()
-    S.run_victims(sweep, runs, "/d", executor=executor, log=lambda s: None)
-    assert len(executor.calls) == 2 and all(S.result_is_current(sweep, r, "/d") for r in runs)
-    record = json.loads(sweep.methods["noise"].record_path.read_text())
-    assert record["commands"][0][0] == "python"  # the interpreter path is not part of the key
+    assert L.prepare_methods(sweep, ["noise", "clean"], "/d", executor, log=lambda s: None) == []
+    L.run_victims(sweep, runs, "/d", executor=executor, log=lambda s: None)
+    assert len(executor.calls) == 3 and all(S.result_is_current(sweep, r, "/d") for r in runs)
 
     # Same settings: nothing is prepared or run again.
     again = FakeExecutor()
-    assert S.prepare_methods(sweep, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
-    summary = S.run_victims(sweep, runs, "/d", executor=again, log=lambda s: None)
-    assert len(prepared) == 1 and again.calls == [] and summary.skipped == 2
-    assert [r["run_id"] for r in S.sweep_rows(sweep, "/d")] == [r.run_id for r in runs]
+    assert L.prepare_methods(sweep, ["noise", "clean"], "/d", again, log=lambda s: None) == []
+    summary = L.run_victims(sweep, runs, "/d", executor=again, log=lambda s: None)
+    assert again.calls == [] and summary.skipped == 2
+    assert [r["run_id"] for r in L.sweep_rows(sweep, "/d")] == [r.run_id for r in runs]
 
-    # Other victim_args: both results are stale; the report leaves them out and says so.
-    path.write_text(BASIC.format(tmp=tmp_path).replace('"--trainer.max_epochs", "1"', '"--trainer.max_epochs", "2"'))
+    # Another victim override: both results are stale; the report leaves them out and says so.
+    path.write_text(path.read_text().replace("trainer.max_epochs: 1", "trainer.max_epochs: 2"))
     changed = S.load_sweep(path)
     assert not any(S.result_is_current(changed, r, "/d") for r in runs)
-    rows, stale = S.split_results(changed, "/d")
+    rows, stale = L.split_results(changed, "/d")
     assert rows == [] and stale == [r.run_id for r in runs]
-    S.write_sweep_report(changed, log=print, data_dir="/d")
+    L.write_sweep_report(changed, log=print, data_dir="/d")
     assert "2 stale result(s) left out" in capsys.readouterr().out
     rerun = FakeExecutor()
-    summary = S.run_victims(changed, runs, "/d", executor=rerun, log=lambda s: None)
+    summary = L.run_victims(changed, runs, "/d", executor=rerun, log=lambda s: None)
     assert len(rerun.calls) == 2 and summary.stale == 2 and summary.skipped == 0
-    assert "--trainer.max_epochs" in rerun.calls[0] and "2" in rerun.calls[0]
+    assert value(rerun.calls[0], "--trainer.max_epochs") == "2"
     assert all(S.result_is_current(changed, r, "/d") for r in runs)
     assert not S.result_is_current(sweep, runs[0], "/d")  # the old settings' result is gone
     # Without a data dir the report compares with the one each result recorded.
-    assert len(S.sweep_rows(changed)) == 2 and S.sweep_rows(changed, "/elsewhere") == []
+    assert len(L.sweep_rows(changed)) == 2 and L.sweep_rows(changed, "/elsewhere") == []
 
-    # Other prepare commands: the method is prepared again (old set moved aside) and its runs
+    # Another method override: the method is prepared again (old set moved aside) and its runs
     # are stale although their victim command is the same; the clean run stays done.
-    path.write_text(BASIC.format(tmp=tmp_path).replace('"--trainer.max_epochs", "1"', '"--trainer.max_epochs", "2"')
-                    .replace("--log,", "--verbose, --log,"))
+    path.write_text(path.read_text().replace("method.init_args.eps: 4", "method.init_args.eps: 6"))
     reprepared = S.load_sweep(path)
     noise_run, clean_run = runs
     assert S.victim_command(reprepared, noise_run, "/d") == S.victim_command(changed, noise_run, "/d")
-    assert not S.method_is_current(reprepared, reprepared.methods["noise"], "/d")
-    assert not S.result_is_current(reprepared, noise_run, "/d")
-    assert S.result_is_current(reprepared, clean_run, "/d")
-    assert S.prepare_methods(reprepared, ["noise", "clean"], "/d", fake_prepare(prepared), log=lambda s: None) == []
-    assert len(prepared) == 2 and "--verbose" in prepared[-1]
+    assert not S.method_is_current(reprepared.methods["noise"], "/d")
+    assert not S.result_is_current(reprepared, noise_run, "/d") and S.result_is_current(reprepared, clean_run, "/d")
+    prepared = FakeExecutor()
+    assert L.prepare_methods(reprepared, ["noise", "clean"], "/d", prepared, log=lambda s: None) == []
+    assert value(prepared.calls[0], "--method.init_args.eps") == "6"
     protected = reprepared.methods["noise"].protected_dir
     assert (protected.with_name(protected.name + ".stale") / "manifest.json").is_file()
-    assert S.method_is_current(reprepared, reprepared.methods["noise"], "/d")
+    assert S.method_is_current(reprepared.methods["noise"], "/d")
     last = FakeExecutor()
-    S.run_victims(reprepared, runs, "/d", executor=last, log=lambda s: None)
-    assert [Path(c[c.index("--trainer.default_root_dir") + 1]).name for c in last.calls] == [noise_run.run_id]
+    L.run_victims(reprepared, runs, "/d", executor=last, log=lambda s: None)
+    assert run_ids(last.calls) == [noise_run.run_id]
 
 
 def test_results_without_a_key_are_stale(basic: S.Sweep):
@@ -305,30 +371,119 @@ def test_results_without_a_key_are_stale(basic: S.Sweep):
     run.result_path.write_text(json.dumps({"run_id": run.run_id, "val_acc": 0.5, "data_dir": "/d"}))
     assert not S.result_is_current(basic, run, "/d") and not S.result_is_current(basic, run, None)
     run.result_path.write_text("{not json")
-    assert S.read_result(run) is None and S.split_results(basic, "/d") == ([], [run.run_id])
+    assert S.read_result(run) is None and L.split_results(basic, "/d") == ([], [run.run_id])
 
 
-def test_parse_metrics_last_and_best(tmp_path: Path):
-    path = tmp_path / "metrics.csv"
-    path.write_text(fake_metrics([0.2, 0.61, 0.55], [0.3, 0.4, 0.45]))
-    parsed = S.parse_metrics(path)
-    assert parsed == {"val_acc": pytest.approx(0.55), "best_val_acc": pytest.approx(0.61),
-                      "train_acc": pytest.approx(0.45), "epochs": 3}
-    path.write_text("epoch,step,train/acc\n0,1,0.5\n")
-    with pytest.raises(ValueError, match="no val/acc"):
-        S.parse_metrics(path)
+def test_result_writer_reads_callback_metrics(tmp_path: Path):
+    writer = ResultWriter()
+    trainer = types.SimpleNamespace(sanity_checking=True, callback_metrics={"val/acc": torch.tensor(0.9)},
+                                    default_root_dir=str(tmp_path))
+    writer.on_validation_end(trainer, None)  # the sanity check does not count
+    trainer.sanity_checking = False
+    for acc in (0.2, 0.61, 0.55):
+        trainer.callback_metrics = {"val/acc": torch.tensor(acc), "train/acc": torch.tensor(acc + 0.1),
+                                    "hist": torch.zeros(3)}
+        writer.on_validation_end(trainer, None)
+    restored = ResultWriter()
+    restored.load_state_dict(writer.state_dict())  # survives a resume from a checkpoint
+    restored.on_fit_end(trainer, types.SimpleNamespace(hparams={"num_classes": 10}))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["val_acc"] == pytest.approx(0.55) and result["best_val_acc"] == pytest.approx(0.61)
+    assert result["train_acc"] == pytest.approx(0.65) and result["epochs"] == 3 and result["num_classes"] == 10
+    assert set(result["metrics"]) == {"val/acc", "train/acc"}  # scalars only
+    assert not list(tmp_path.glob(".result.json.tmp*"))
+# ------------------------------------------------------------------------------ W&B backend
 
 
-def test_cli_dry_run_and_wandb_offline(basic: S.Sweep, tmp_path: Path, capsys, monkeypatch):
-    path = basic.path
-    assert S.sweep_main([str(path), "--dry-run", "--data-dir", "/d"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("fuse_lightning fit") == 16 and "fuse_lightning baseline" in out
+def fake_artifacts(monkeypatch, tmp_path: Path) -> dict[str, list]:
+    """A stand-in for fuse_lightning.wandb_artifacts: logs into a folder, fetches by copying."""
+    import shutil
+
+    calls: dict[str, list] = {"log": [], "fetch": []}
+    store = tmp_path / "artifact-store"
+
+    def log_protected_set(protected_dir, name, *, project=None, run=None, aliases=()):
+        version = sum(1 for c in calls["log"] if c[1] == name)
+        calls["log"].append((str(protected_dir), name, project))
+        shutil.copytree(protected_dir, store / f"{name}-v{version}")
+        return f"{name}:v{version}"
+
+    def fetch_protected_set(ref, dest, *, project=None, run=None):
+        calls["fetch"].append((ref, str(dest)))
+        shutil.copytree(store / ref.replace(":", "-"), dest, dirs_exist_ok=True)
+        return Path(dest)
+
+    module = types.ModuleType("fuse_lightning.wandb_artifacts")
+    module.log_protected_set, module.fetch_protected_set = log_protected_set, fetch_protected_set
+    monkeypatch.setitem(sys.modules, "fuse_lightning.wandb_artifacts", module)
+    return calls
+
+
+def test_wandb_sweep_config_matches_the_logged_metric(basic: S.Sweep):
+    cfg = W.sweep_config(basic, {"noise": "t-noise:v0"})
+    assert cfg["method"] == "grid" and cfg["metric"] == {"name": "val/acc", "goal": "minimize"}
+    assert cfg["parameters"]["seed"]["values"] == [0, 1]
+    assert cfg["parameters"]["protected_sets"] == {"value": {"noise": "t-noise:v0"}}
+    assert cfg["command"][-3:] == ["--backend", "wandb", "--agent_run"]
+    run = S.expand_grid(basic)[0]
+    args = W.logger_args(basic, run)
+    assert value(args, "--config") == "configs/logger/wandb.yaml"
+    assert value(args, "--trainer.logger.init_args.group") == "t"
+    assert json.loads(value(args, "--trainer.logger.init_args.tags")) == ["noise", "fastnet", "none"]
+
+
+def test_wandb_agent_trial_fetches_the_artifact(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    calls = fake_artifacts(monkeypatch, tmp_path)
+    assert L.prepare_methods(basic, ["noise"], "/d", FakeExecutor(), log=lambda s: None) == []
+    ref = sys.modules["fuse_lightning.wandb_artifacts"].log_protected_set(basic.methods["noise"].protected_dir, "t-noise")
+    params = tmp_path / "config-run1.yaml"
+    params.write_text("wandb_version: 1\n\n" + yaml.safe_dump({
+        "method": {"value": "noise"}, "arch": {"value": "resnet18"}, "filter": {"value": "none"},
+        "seed": {"value": 1}, "protected_sets": {"value": {"noise": ref}}}))
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    executor = FakeExecutor()
+    assert W.agent_trial(basic, "/d", executor) == 0
+    (cmd,) = executor.calls
+    local = basic.work_dir / "artifacts" / "t-noise-v0"
+    assert calls["fetch"] == [(ref, str(local))]
+    assert value(cmd, "--data.init_args.protected_dir") == str(local)
+    assert value(cmd, "--trainer.logger.init_args.name") == "noise__resnet18__none__s1"
+    run = next(r for r in S.expand_grid(basic) if r.run_id == "noise__resnet18__none__s1")
+    assert json.loads(run.result_path.read_text())["val_acc"] == pytest.approx(0.4)
+    monkeypatch.delenv("WANDB_SWEEP_PARAM_PATH")
+    with pytest.raises(S.SweepError, match="wandb agent"):
+        W.agent_params()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb")
+def test_wandb_backend_offline_walks_the_grid(tmp_path: Path, monkeypatch, capsys):
+    """Offline there is no sweep server: the launcher publishes each set once and runs every
+    point as an agent would (victims with the W&B logger), then logs the summary run."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert S.sweep_main([str(path), "--backend", "wandb"]) == 2
-    assert "WANDB_MODE=offline" in capsys.readouterr().err
-    cfg = S.wandb_sweep_config(basic)
-    assert cfg["method"] == "grid" and cfg["parameters"]["seed"]["values"] == [0, 1]
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    calls = fake_artifacts(monkeypatch, tmp_path)
+    sweep = S.load_sweep(write_sweep(tmp_path, BASIC), ["--grid.arch", "[fastnet]", "--grid.seed", "[0]"])
+    executor = FakeExecutor()
+    assert W.run(sweep, "/d", executor=executor) == 0
+    victims = [c for c in executor.calls if "--out" not in c]
+    assert len(victims) == 4 and all(value(c, "--trainer.logger.init_args.group") == "t" for c in victims)
+    assert [c[1] for c in calls["log"]] == ["t-noise"]
+    refs = json.loads((sweep.work_dir / W.ARTIFACTS_FILE).read_text())
+    assert refs["noise"]["ref"] == "t-noise:v0"
+    assert "| noise |" in (sweep.results_dir / "table.md").read_text()
+    assert list((sweep.work_dir / "wandb").glob("offline-run-*"))  # the summary run
+    # Resuming: nothing is prepared, logged or trained again; the report sees every result.
+    again = FakeExecutor()
+    assert W.run(sweep, "/d", executor=again) == 0
+    assert again.calls == [] and len(calls["log"]) == 1
+    assert len(L.sweep_rows(W.from_artifacts(sweep, W.recorded_refs(sweep)), "/d")) == 4
+
+
+def test_the_package_imports_without_wandb():
+    code = ("import sys; sys.modules['wandb'] = None; import fuse_lightning.sweep.wandb_backend as W; "
+            "from fuse_lightning.sweep import main; assert W.is_offline() in (True, False)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 # ------------------------------------------------------------------------------ results
@@ -397,120 +552,94 @@ def test_band_map_from_bandpass_rows(tmp_path: Path):
 
 # ------------------------------------------------------------------------------ shipped sweeps
 
+SHIPPED = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_sweeps_load_expand_validate(path: Path, monkeypatch):
     monkeypatch.chdir(REPO)  # paths in sweep files are relative to the repository root
     sweep = S.load_sweep(path.relative_to(REPO))
     runs = S.expand_grid(sweep)
-    assert runs and len(runs) == np.prod([len(v) for v in sweep.grid.values()])
+    assert runs and len(runs) == np.prod([len(getattr(sweep.grid, k)) for k in S.GRID_KEYS])
     assert S.missing_files(sweep) == []
-    for method in sweep.grid["method"]:
-        m = sweep.methods[method]
-        # Every method either trains on the clean set or says how its protected set is made.
-        assert m.protected_dir is None or m.prepare
+    for name in sweep.grid.method:
+        m = sweep.methods[name]
+        # Every method trains on the clean set or says how its protected set is made.
+        assert m.protected_dir is None or m.spec.command is not None
+        if m.spec.command == "fit":  # the export lands where the sweep looks for it
+            assert m.protected_dir == m.method_dir / "protected"
     assert S.victim_command(sweep, runs[-1], "data")[3] == "fit"
 
 
-# ------------------------------------------------------------------------------ end to end
-
-PREPARE = """
-import json, sys, numpy as np
-from pathlib import Path
-from fuse_lightning.data import write_cifar
-rng = np.random.default_rng(0)
-labels = np.arange(64) % 10
-images = (rng.integers(0, 60, (64, 3, 32, 32)) + 19 * labels[:, None, None, None]).astype(np.uint8)
-write_cifar(sys.argv[1], images, labels, "cifar10", "train")
-from fuse_lightning.manifest import write_manifest  # readers verify it: list every file
-write_manifest(Path(sys.argv[1]), {"method": "tiny"})
-"""
-
-
-@pytest.mark.skipif(importlib.util.find_spec("fuse_lightning.data") is None, reason="needs fuse_lightning.data")
-def test_tiny_sweep_end_to_end(tmp_path: Path, monkeypatch):
-    from fuse_lightning.data import write_cifar
-
-    # The DataModule checks the clean test split has its official 10000 images; the training
-    # set comes from a tiny protected copy made by the prepare step.
-    rng = np.random.default_rng(1)
-    labels = np.arange(10000) % 10
-    write_cifar(tmp_path / "data", rng.integers(0, 256, (10000, 3, 32, 32), dtype=np.uint8),
-                labels, "cifar10", "test")
-    monkeypatch.chdir(REPO)
-    path = write_sweep(tmp_path, f"""
-name: tiny
-results_dir: {tmp_path}/results
-work_dir: {tmp_path}/work
-victim_configs: [configs/victim_cifar10.yaml]
-victim_args: [--data.init_args.download, "false", --data.init_args.batch_size, "32",
-  --data.init_args.test_subset, "100", --data.init_args.eval_batch_size, "100",
-  --trainer.max_epochs, "1", --trainer.limit_train_batches, "2", --trainer.limit_val_batches, "1",
-  --trainer.enable_progress_bar, "false", --trainer.enable_model_summary, "false"]
-methods:
-  tiny:
-    prepare: [[python, -c, {json.dumps(PREPARE)}, "{{protected_dir}}"]]
-grid: {{method: [tiny], arch: [fastnet], filter: [none, lowpass-ideal-0.5], seed: [0]}}
-""")
-    assert S.sweep_main([str(path), "--data-dir", str(tmp_path / "data")]) == 0
-    rows = R.collect_results(tmp_path / "work")
-    assert [r["filter"] for r in rows] == ["lowpass-ideal-0.5", "none"]
-    assert all(0.0 <= r["val_acc"] <= 1.0 and r["epochs"] == 1 and r["num_classes"] == 10 for r in rows)
-    for name in ("results.csv", "table.md", "acc_vs_cutoff.png"):
-        assert (tmp_path / "results" / name).stat().st_size > 0
-    assert "| tiny |" in (tmp_path / "results" / "table.md").read_text()
-    # Rerunning resumes: both runs are done, nothing is trained again.
-    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("runs/*/result.json"))]
-    assert S.sweep_main([str(path), "--data-dir", str(tmp_path / "data")]) == 0
-    assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("runs/*/result.json"))]
-
-
-def test_filter_test_set_applies_the_filter_to_both_splits(basic: S.Sweep, tmp_path: Path):
-    from dataclasses import replace
-
-    runs = [r for r in S.expand_grid(basic) if r.filter != "none"]
-    assert runs
-    plain = S.victim_command(basic, runs[0], tmp_path)
-    assert "--data.init_args.test_filter" not in plain
-    both = S.victim_command(replace(basic, filter_test_set=True), runs[0], tmp_path)
-    i = both.index("--data.init_args.test_filter")
-    assert both[i + 1] == runs[0].filter == both[both.index("--data.init_args.train_filter") + 1]
-
-
-@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsys):
-    """Each victim config combination and each prepare command parses (nothing is run)."""
+    """Each victim command (also with the W&B logger) and each method command parses (nothing runs)."""
     from fuse_lightning.baselines.cli import build_parser as baseline_parser
     from fuse_lightning.cli import build_cli
 
     monkeypatch.chdir(REPO)
     sweep = S.load_sweep(path.relative_to(REPO))
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
     commands = []
     for run in S.expand_grid(sweep):
-        if (run.method, run.arch) not in seen:  # one victim command per method x architecture
-            seen.add((run.method, run.arch))
+        if not {run.method, run.arch} <= seen:  # every method and every architecture once
+            seen |= {run.method, run.arch}
             commands.append(S.victim_command(sweep, run, "data"))
-    for name in sweep.grid["method"]:
-        method = sweep.methods[name]
-        values = {"data_dir": "data", "protected_dir": "p", "method_dir": "m", "work_dir": "w"}
-        commands += [S.expand_command(list(words), values) for words in method.prepare]
+    commands.append(S.victim_command(sweep, run, "data") + W.logger_args(sweep, run))
+    commands += [S.prepare_command(sweep.methods[m], "data") for m in sweep.grid.method
+                 if sweep.methods[m].spec.command]
     for cmd in commands:
-        args = cmd[cmd.index("fuse_lightning") + 1:] if "fuse_lightning" in cmd else cmd[1:]
+        args = cmd[cmd.index("fuse_lightning") + 1:]
         if args[0] == "fit":
             with pytest.raises(SystemExit) as exit_info:
                 build_cli([*args, "--print_config"])
             assert exit_info.value.code in (0, None), cmd
-        elif args[0] == "baseline":
-            baseline_parser().parse_args(args[1:])
         else:
-            raise AssertionError(f"unexpected command {cmd}")
-    capsys.readouterr()
+            assert args[0] == "baseline", cmd
+            baseline_parser().parse_args(args[1:])
+    printed = capsys.readouterr().out
+    assert "ResultWriter" in printed and "WandbLogger" in printed
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fuse_lightning.data") is None, reason="needs fuse_lightning.data")
+def test_tiny_sweep_end_to_end(tmp_path: Path, tiny_cifar10: Path, monkeypatch):
+    """A real baseline and two real victims on a tiny data set, through `fuse sweep`; then resume."""
+    monkeypatch.chdir(REPO)
+    quick = "{data.init_args.check_counts: false, data.init_args.download: false}"
+    path = write_sweep(tmp_path, f"""
+name: tiny
+results_dir: TMP/results
+work_dir: TMP/work
+victim:
+  configs: [configs/victim_cifar10.yaml]
+  overrides: {{data.init_args.check_counts: false, data.init_args.download: false, data.init_args.batch_size: 32,
+    data.init_args.train_subset: null, data.init_args.test_subset: null, trainer.max_epochs: 1,
+    trainer.limit_train_batches: 2, trainer.limit_val_batches: 1, trainer.enable_progress_bar: false,
+    trainer.enable_model_summary: false}}
+methods:
+  random: {{command: baseline, configs: [configs/baselines/random_cifar10.yaml], overrides: {quick}}}
+grid: {{method: [random], arch: [fastnet], filter: [none, lowpass-ideal-0.5], seed: [0]}}
+""")
+    assert SW.main([str(path), "--data_dir", str(tiny_cifar10)]) == 0
+    rows = R.collect_results(tmp_path / "work")
+    assert [r["filter"] for r in rows] == ["lowpass-ideal-0.5", "none"]
+    assert all(0.0 <= r["val_acc"] <= 1.0 and r["epochs"] == 1 and r["num_classes"] == 10 for r in rows)
+    assert all(r["command"].startswith("python -m fuse_lightning fit") for r in rows)
+    for name in ("results.csv", "table.md", "acc_vs_cutoff.png"):
+        assert (tmp_path / "results" / name).stat().st_size > 0
+    assert "| random |" in (tmp_path / "results" / "table.md").read_text()
+    # Rerunning resumes: both runs are done, nothing is prepared or trained again.
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("**/*.json"))]
+    assert SW.main([str(path), "--data_dir", str(tiny_cifar10)]) == 0
+    assert stamps == [p.stat().st_mtime_ns for p in sorted((tmp_path / "work").glob("**/*.json"))]
 
 
 # ------------------------------------------------------------------------------ stopping
 
-# A stand-in for a victim: starts a grandchild (like a dataloader worker), writes both pids to
+# A stand-in for a child: starts a grandchild (like a dataloader worker), writes both pids to
 # `<dir>/child.pid` and sleeps.
 SLEEPER = """
 import os, subprocess, sys, time
@@ -554,25 +683,23 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
 def test_sigterm_to_the_sweep_stops_its_children(tmp_path: Path):
-    """SIGTERM to `fuse sweep` kills the running prepare command's whole process group."""
+    """SIGTERM to `fuse sweep` kills the running method command's whole process group."""
     import signal
-    import subprocess
 
-    path = write_sweep(tmp_path, f"""
+    path = write_sweep(tmp_path, """
 name: stop
-results_dir: {tmp_path}/results
-work_dir: {tmp_path}/work
-victim_configs: [configs/victim_cifar10.yaml]
+results_dir: TMP/results
+work_dir: TMP/work
+victim: {configs: [configs/victim_cifar10.yaml]}
 methods:
-  slow:
-    prepare: [[python, -c, {json.dumps(SLEEPER)}, "{{method_dir}}"]]
-grid: {{method: [slow], arch: [fastnet]}}
+  slow: {command: baseline}
+grid: {method: [slow], arch: [fastnet]}
 """)
-    sweep = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from fuse_lightning.sweep import sweep_main; "
-         "sys.exit(sweep_main(sys.argv[1:]))", str(path), "--data-dir", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    script = ("import sys; from fuse_lightning.sweep import local, main; "
+              f"local.S.prepare_command = lambda m, d: [sys.executable, '-c', {SLEEPER!r}, str(m.method_dir)]; "
+              "sys.exit(main(sys.argv[1:]))")
+    sweep = subprocess.Popen([sys.executable, "-c", script, str(path), "--data_dir", str(tmp_path)],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pids = wait_for([tmp_path / "work" / "methods" / "slow" / "child.pid"])
         assert all(alive(p) for p in pids)
@@ -590,7 +717,6 @@ grid: {{method: [slow], arch: [fastnet]}}
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
 def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monkeypatch):
     """Ctrl-C while two victims run (two 'GPUs'): both process groups die, no result is written."""
-    import os
     import signal
     import threading
 
@@ -606,7 +732,7 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
     timer = threading.Thread(target=interrupt, daemon=True)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
-        S.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=S.execute, log=lambda s: None)
+        L.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=L.execute, log=lambda s: None)
     timer.join(5)
     assert len(found) == 4  # two children, two grandchildren
     assert wait_gone(found) == []
@@ -614,4 +740,4 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
         assert not run.result_path.exists() and not (run.run_dir / "failed.json").exists()
     assert not (runs[2].run_dir / "child.pid").exists()  # the queued run never started
     # The stop is over: the next sweep in this process starts children again.
-    assert S.execute([sys.executable, "-c", "pass"], runs[2].run_dir / "after.log") == 0
+    assert L.execute([sys.executable, "-c", "pass"], runs[2].run_dir / "after.log") == 0

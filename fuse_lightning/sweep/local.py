@@ -1,0 +1,415 @@
+"""The local backend: prepare the protected sets, run the victims here, write the report.
+
+Victims run one after another on CPU, or one per visible GPU in parallel. Every child runs in its
+own process group; Ctrl-C or SIGTERM stops the running groups, records nothing for them, and a
+rerun resumes (finished runs hold their `run_key`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fuse_lightning import results as R
+from fuse_lightning.sweep import spec as S
+from fuse_lightning.sweep.spec import Method, Run, Sweep
+
+Executor = Callable[[list[str], Path, "dict[str, str] | None"], int]
+RESULT_KEYS = ("val_acc", "best_val_acc", "train_acc", "epochs", "num_classes")
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was told to stop (SIGTERM, or a child killed while stopping); nothing is recorded."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------------------------
+
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the child's process group, wait up to `grace_s`, then SIGKILL what is left."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the leader is gone; e.g. dataloader workers
+        return
+
+
+def stop_children(grace_s: float = 10.0) -> int:
+    """Stop every running child of `execute` and refuse new ones; returns how many ran."""
+    _STOPPING.set()
+    with _CHILDREN_LOCK:
+        children = list(_CHILDREN)
+    for proc in children:
+        _kill_group(proc, grace_s)
+    return len(children)
+
+
+def execute(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> int:
+    """Run a command in its own process group, output appended to `log_path`; its exit code.
+
+    Raises:
+        SweepInterrupted: The sweep is stopping (the child was stopped by `stop_children`).
+    """
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc, 10.0)
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    if _STOPPING.is_set():
+        raise SweepInterrupted()
+    return code
+
+
+@contextlib.contextmanager
+def stop_children_on_exit(grace_s: float = 10.0):
+    """Run the body with SIGTERM raising `SweepInterrupted`, stopping every child if it raises."""
+
+    def on_term(signum, frame):
+        raise SweepInterrupted(signum)
+
+    _STOPPING.clear()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main else None
+    try:
+        yield
+    except BaseException:
+        stop_children(grace_s)
+        raise
+    finally:
+        _STOPPING.clear()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """Last `lines` lines of a text file ('' when it does not exist)."""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing methods, running victims
+# --------------------------------------------------------------------------------------------
+
+
+def _remove_checkpoints(run_dir: Path) -> None:
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):
+        ckpt.unlink()
+
+
+def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[str, str] | None = None,
+                extra_args: Sequence[str] = (), executor: Executor = execute) -> dict[str, Any]:
+    """Train one victim; turn the `result.json` of its ResultWriter into the sweep's result row.
+
+    `env` (e.g. `CUDA_VISIBLE_DEVICES`) and `extra_args` (device, logger flags; not part of
+    `run_key`) go to the child; `executor` runs it (replaceable in tests). Returns the row written
+    to `result.json`, or on failure `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
+    """
+    cmd = S.victim_command(sweep, run, data_dir) + list(extra_args)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if run.result_path.exists():  # of other settings: it and its checkpoints are not this run's
+        run.result_path.unlink()
+        _remove_checkpoints(run.run_dir)
+    log_path = run.run_dir / "run.log"
+    start = time.perf_counter()
+    code = executor(cmd, log_path, env)
+    wall = time.perf_counter() - start
+    written = S.read_result(run) or {}
+    if code != 0 or written.get("val_acc") is None:
+        run.result_path.unlink(missing_ok=True)
+        error = f"exit code {code}" if code != 0 else "no val/acc logged (no result.json from ResultWriter)"
+        failure = {"run_id": run.run_id, "error": error, "log": str(log_path), "tail": log_tail(log_path)}
+        R.atomic_write_text(run.run_dir / "failed.json", json.dumps(failure, indent=2))
+        return failure
+    protected = sweep.methods[run.method].protected_dir
+    row = {"run_id": run.run_id, "method": run.method, "arch": run.arch, "filter": run.filter, "seed": run.seed,
+           **{k: written.get(k) for k in RESULT_KEYS}, "wall_s": round(wall, 1),
+           "protected_dir": S.portable([protected])[0] if protected else None,
+           "data_dir": S.portable([data_dir])[0], "run_key": S.run_key(sweep, run, data_dir),
+           "command": shlex.join(S.portable(cmd))}
+    R.atomic_write_text(run.result_path, json.dumps(row, indent=2))
+    (run.run_dir / "failed.json").unlink(missing_ok=True)
+    if not sweep.spec.keep_checkpoints:
+        _remove_checkpoints(run.run_dir)
+    return row
+
+
+def _set_aside(method: Method, log: Callable[[str], None]) -> None:
+    """Before preparing: forget the old key, move an old protected set to `<protected_dir>.stale`."""
+    if method.record_path is not None:
+        method.record_path.unlink(missing_ok=True)
+    old = method.protected_dir
+    if old is None or not old.exists():
+        return
+    aside = old.with_name(old.name + ".stale")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(old, aside)
+    log(f"[prepare] {method.name}: {old} was made by another command; moved to {aside}, preparing again")
+
+
+def _prepare_one(method: Method, data_dir: str | os.PathLike, executor: Executor, log: Callable[[str], None]) -> bool:
+    cmd = S.prepare_command(method, data_dir)
+    if cmd is None:
+        log(f"[prepare] {method.name}: {method.protected_dir} has no manifest.json and the method no command")
+        return False
+    _set_aside(method, log)
+    log_path = method.method_dir / "prepare.log"
+    log(f"[prepare] {method.name}: {shlex.join(S.portable(cmd))}")
+    start = time.perf_counter()
+    code = executor(cmd, log_path, None)
+    took = f"{time.perf_counter() - start:.0f}s"
+    if code != 0:
+        log(f"[prepare] {method.name}: FAILED (exit {code}) after {took}; log {log_path}:\n{log_tail(log_path, 20)}")
+        return False
+    if not method.is_prepared:
+        log(f"[prepare] {method.name}: the command succeeded but {method.protected_dir}/manifest.json is missing")
+        return False
+    record = {"key": S.prepare_key(method, data_dir), "command": S.portable(cmd)}
+    R.atomic_write_text(method.record_path, json.dumps(record, indent=2))
+    log(f"[prepare] {method.name}: done in {took}")
+    return True
+
+
+def prepare_methods(sweep: Sweep, names: Sequence[str], data_dir: str | os.PathLike, executor: Executor = execute,
+                    dry_run: bool = False, log: Callable[[str], None] = print) -> list[str]:
+    """Make the protected sets that are missing or stale (`method_is_current`), one after another.
+
+    A stale set is moved to `<protected_dir>.stale` first; the command's output goes to
+    `<method_dir>/prepare.log` and, after success, its key to `prepare.json`.
+
+    Returns:
+        Names of the methods whose preparation failed (their runs are skipped).
+    """
+    failed = []
+    for name in dict.fromkeys(names):
+        method = sweep.methods[name]
+        if S.method_is_current(method, data_dir):
+            continue
+        if dry_run:
+            cmd = S.prepare_command(method, data_dir)
+            print(shlex.join(cmd) if cmd else f"# {name}: {method.protected_dir} is missing")
+        elif not _prepare_one(method, data_dir, executor, log):
+            failed.append(name)
+    return failed
+
+
+def visible_gpus() -> list[str]:
+    """Physical GPU ids this process may use (honours an existing CUDA_VISIBLE_DEVICES)."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no torch / broken driver: run on CPU
+        return []
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def pin(device: str | None) -> tuple[dict[str, str] | None, list[str]]:
+    """Environment and flags that put a victim on one GPU (none on CPU)."""
+    if device is None:
+        return None, []
+    return {"CUDA_VISIBLE_DEVICES": device}, ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
+
+
+@dataclass
+class RunSummary:
+    """Outcome of `run_victims`."""
+
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    skipped: int = 0
+    stale: int = 0
+
+
+def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, gpus: Sequence[str] = (),
+                max_runs: int | None = None, executor: Executor = execute, log: Callable[[str], None] | None = None,
+                run_args: Callable[[Run], list[str]] | None = None) -> RunSummary:
+    """Run the victims without a current result: one at a time on CPU, one per GPU with GPUs.
+
+    Args:
+        sweep: The sweep.
+        runs: Grid points (from `expand_grid`).
+        data_dir: Dataset root.
+        gpus: Physical GPU ids to use; empty means CPU.
+        max_runs: Run at most this many of the pending runs.
+        executor: Runs a command; replaceable in tests.
+        log: Progress output (default: the progress bar's `write`).
+        run_args: Extra victim flags per run, outside `run_key` (e.g. a W&B logger).
+    """
+    from tqdm.auto import tqdm
+
+    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
+    summary = RunSummary(skipped=len(runs) - len(pending), stale=sum(r.result_path.is_file() for r in pending))
+    pending = pending[:max_runs] if max_runs is not None else pending
+    if not pending:
+        return summary
+    bar = tqdm(total=len(pending), desc=sweep.name, unit="run", dynamic_ncols=True)
+    out, lock, counter, devices = log or bar.write, threading.Lock(), itertools.count(1), queue.Queue()
+    for device in gpus or [None]:
+        devices.put(device)
+
+    def work(run: Run) -> None:
+        device = devices.get()
+        try:
+            env, extra = pin(device)
+            start = time.perf_counter()
+            row = execute_run(sweep, run, data_dir, env, extra + (run_args(run) if run_args else []), executor)
+        finally:
+            devices.put(device)
+        with lock:
+            where = f"[{next(counter)}/{len(pending)}] {run.run_id}" + (f" gpu{device}" if device else "")
+            (summary.failed if "error" in row else summary.finished).append(row)
+            outcome = f"FAILED ({row['error']}) log: {row['log']}" if "error" in row else f"val/acc {100 * row['val_acc']:.2f}%"
+            out(f"{where}  {outcome}  {time.perf_counter() - start:.0f}s")
+            bar.update(1)
+
+    with contextlib.closing(bar):
+        _in_pool(work, pending, max(1, len(gpus)))
+    return summary
+
+
+def _in_pool(work: Callable[[Run], None], runs: Sequence[Run], workers: int) -> None:
+    """`work` on every run in a thread pool; on any exception the children stop, queued runs drop."""
+    pool = ThreadPoolExecutor(max_workers=workers)
+    with stop_children_on_exit():
+        try:
+            for future in [pool.submit(work, r) for r in runs]:
+                future.result()
+        except BaseException:
+            stop_children()  # before waiting for the workers: they wait for their children
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def split_results(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Current results of the grid, in grid order, and the ids of stale ones (`result_is_current`)."""
+    rows, stale = [], []
+    for run in S.expand_grid(sweep):
+        if S.result_is_current(sweep, run, data_dir):
+            rows.append(S.read_result(run))
+        elif run.result_path.is_file():
+            stale.append(run.run_id)
+    return rows, stale
+
+
+def sweep_rows(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Current results of the grid, in grid order (stale ones left out)."""
+    return split_results(sweep, data_dir)[0]
+
+
+def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
+                       data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """Write results.csv, table.md and plots of the current results into `sweep.results_dir`."""
+    rows, stale = split_results(sweep, data_dir)
+    if stale:
+        log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed since they "
+            f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
+    seeds = sorted({r["seed"] for r in rows})
+    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0] if seeds else '-'}"
+    notes = (sweep.spec.description.strip() + "\n\n" if sweep.spec.description else "") + (
+        "Clean test accuracy (%) of victims trained on each method's training set after the attacker's "
+        f"filter (columns), at the final epoch; {over}. {len(rows)} of {len(S.expand_grid(sweep))} runs finished"
+        + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
+        + f". Sweep file: `{S.portable([sweep.path])[0]}`.")
+    return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
+                          filters=sweep.grid.filter, log=log)
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = False) -> None:
+    """`--dry_run`: the prepare commands still to run, then every victim command with its state."""
+    runs = S.expand_grid(sweep)
+    print(f"# {sweep.name}: {len(runs)} runs; work dir {sweep.work_dir}")
+    prepare_methods(sweep, sweep.grid.method, data_dir, dry_run=True)
+    for run in [] if only_prepare else runs:
+        state = "done " if S.result_is_current(sweep, run, data_dir) else "stale " if run.result_path.is_file() else ""
+        print(f"# {state}{run.run_id}\n{shlex.join(S.victim_command(sweep, run, data_dir))}")
+
+
+def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, only_prepare: bool = False,
+              max_runs: int | None = None, executor: Executor = execute) -> int:
+    """Prepare the methods, run the pending victims, write the report; 1 if anything failed."""
+    if dry_run:
+        print_plan(sweep, data_dir, only_prepare)
+        return 0
+    failed_methods = prepare_methods(sweep, sweep.grid.method, data_dir, executor)
+    if only_prepare:
+        return 1 if failed_methods else 0
+    runs = S.expand_grid(sweep)
+    runnable = [r for r in runs if r.method not in failed_methods]
+    gpus = visible_gpus()
+    done = sum(S.result_is_current(sweep, r, data_dir) for r in runs)
+    print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
+          + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
+    summary = run_victims(sweep, runnable, data_dir, gpus, max_runs, executor)
+    return finish(sweep, data_dir, summary, failed_methods, len(runs) - len(runnable))
+
+
+def finish(sweep: Sweep, data_dir: str | os.PathLike, summary: RunSummary, failed_methods: Sequence[str] = (),
+           blocked: int = 0) -> int:
+    """Write the report, print the table and a summary of every failure; the exit status."""
+    write_sweep_report(sweep, data_dir=data_dir)
+    if (table := sweep.results_dir / "table.md").is_file():
+        print(table.read_text())
+    problems = [f"prepare failed: {m} (log {sweep.methods[m].method_dir}/prepare.log)" for m in failed_methods]
+    problems += [f"run failed: {f['run_id']} ({f['error']}; log {f['log']})" for f in summary.failed]
+    print(f"{sweep.name}: {len(summary.finished)} finished ({summary.stale} of them replaced stale results), "
+          f"{summary.skipped} skipped (done before), {len(summary.failed)} failed, "
+          f"{blocked} blocked by a failed prepare")
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if problems else 0
