@@ -298,3 +298,66 @@ def test_ddp_two_processes_log_one_run(tiny_cifar10, tmp_path):
     assert run.values("train/loss_generator") and run.values("media/grid_clean_delta_protected")
     [artifact] = protected_artifacts(run)
     assert artifact.metadata["num_images"] == 200
+
+
+SWEEP = """
+name: two-point
+results_dir: {root}/results
+work_dir: {root}/machine1
+victim:
+  configs: [configs/victim_cifar10.yaml, configs/victim_cpu.yaml, configs/trainer/cpu.yaml]
+  overrides: {{data.init_args.check_counts: false, data.init_args.train_subset: null,
+              data.init_args.test_subset: null, data.init_args.batch_size: 64, trainer.max_epochs: 2,
+              trainer.log_every_n_steps: 1, trainer.enable_progress_bar: false}}
+methods:
+  noise:
+    command: baseline
+    configs: [configs/baselines/random_cifar10.yaml]
+    overrides: {{data.init_args.check_counts: false, data.init_args.batch_size: 64}}
+grid:
+  method: [noise]
+  arch: [fastnet]
+  filter: [none, lowpass-ideal-0.5]
+  seed: [0]
+"""
+
+
+def test_two_point_sweep_offline_logs_live_and_a_second_machine_uses_the_artifact(tiny_cifar10, wandb_env, tmp_path):
+    """`fuse sweep --backend wandb` offline, for real (subprocess victims, real artifacts): every
+    victim run has a per-epoch `val/acc` history, the protected set is one artifact with its sha256
+    in the metadata, and a second machine (another work dir) takes the set from the artifact
+    instead of preparing it again."""
+    from fuse_lightning.sweep import main as sweep_main
+    from fuse_lightning.sweep import spec as S
+    from fuse_lightning.sweep import wandb_backend as W
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(SWEEP.format(root=tmp_path))
+    os.chdir(REPO)  # config paths in sweep files are relative to the repository
+    assert sweep_main([str(path), "--data_dir", str(tiny_cifar10), "--backend", "wandb"]) == 0
+
+    runs = read_runs(tmp_path)
+    victims = [r for r in runs if r.values("val/acc")]
+    assert len(victims) == 2
+    for run in victims:
+        steps = [step for step, _ in run.values("val/acc")]
+        assert len(steps) == 2 and steps[0] < steps[1]  # live, one row per epoch
+    artifacts = [a for r in runs for a in protected_artifacts(r)]
+    assert len(artifacts) == 1
+    files = artifacts[0].metadata["files"]
+    assert files and all(set(digest) <= SHA256 and len(digest) == 64 for digest in files.values())
+    prepared = tmp_path / "machine1" / "methods" / "noise" / "protected"
+
+    # A second machine: its own work dir, the launcher's recorded artifact reference.
+    sweep1 = S.load_sweep(path)
+    refs = W.recorded_refs(sweep1)
+    sweep2 = S.load_sweep(path, ["--work_dir", str(tmp_path / "machine2")])
+    run = S.expand_grid(sweep2)[0]
+    row = W.trial(sweep2, str(tiny_cifar10), {"method": run.method, "arch": run.arch, "filter": run.filter,
+                                             "seed": run.seed, "protected_sets": refs})
+    assert "error" not in row, row
+    assert not (tmp_path / "machine2" / "methods").exists()  # nothing prepared there
+    fetched = W.local_copy(sweep2, refs["noise"])
+    assert str(fetched) in row["protected_dir"] or row["protected_dir"].endswith(fetched.name)
+    assert tree(fetched) == tree(prepared)
+    verify_manifest(fetched)
