@@ -18,6 +18,9 @@ from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
 from fuse_lightning.protect import protect_dataset, verify_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# The CPU-sized FUSE config: an overlay composed after the main config.
+FUSE_CPU = ["--config", str(REPO / "configs" / "fuse_cifar10.yaml"),
+            "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml")]
 
 
 def small_fuse(**kwargs) -> FUSEModule:
@@ -137,9 +140,8 @@ def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path
 
 def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_path: Path):
     torch.manual_seed(0)
-    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
     ckpt_dir = tmp_path / "run"
-    main(["fit", "--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+    main(["fit", *FUSE_CPU, "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
           "--data.train_subset", "null", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
           "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -153,7 +155,7 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     for name, (h, w) in sizes.items():
         Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / name)
     out = tmp_path / "protected_photos"
-    args = ["protect", "--ckpt", str(ckpt), "--config", str(cfg), "--data.data_dir", str(tiny_cifar10),
+    args = ["protect", "--ckpt", str(ckpt), *FUSE_CPU, "--data.data_dir", str(tiny_cifar10),
             "--images", str(folder), "--out", str(out)]
     assert main(args) == 0
     manifest = verify_manifest(out)
@@ -176,10 +178,9 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
 
 def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
     callbacks = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                              "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}])
-    common = ["--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+    common = [*FUSE_CPU, "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
               "--data.train_subset", "null", "--data.batch_size", "100", "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", callbacks]
     main(["fit", *common, "--trainer.max_epochs", "1"])  # "killed" after one epoch
@@ -228,7 +229,7 @@ def test_protect_on_fit_end_exports_into_the_run_by_default(tiny_cifar10, tmp_pa
     assert export_dir("elsewhere", "runs/a") == Path("elsewhere")
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run_a"
-    assert main(["fit", "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml"),
+    assert main(["fit", *FUSE_CPU,
                  "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
                  "--data.train_subset", "null", "--data.test_subset", "null", "--data.download", "false",
                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",

@@ -80,6 +80,7 @@ def test_fuse_protect_refuses_crafted_checkpoint(tiny_cifar10: Path, tmp_path: P
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": MarkerPayload(marker)}, ckpt)
     args = ["protect", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"),
+            "--config", str(REPO / "configs" / "fuse_cifar10.yaml"),
             "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml"),
             "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false"]
     with pytest.raises(SystemExit) as err:
