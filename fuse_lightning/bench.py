@@ -126,9 +126,9 @@ def _trainer(device: torch.device, callbacks: list, precision: str | None = None
 
 
 def _datamodule(images: torch.Tensor, labels: torch.Tensor, batch: int, augment: bool):
-    from fuse_lightning.data import ImageClassificationDataModule
+    from fuse_lightning.data import ResidentImageDataModule
 
-    class Synthetic(ImageClassificationDataModule):
+    class Synthetic(ResidentImageDataModule):
         _num_classes = 10
 
         def _load_split(self, split: str):
