@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -39,7 +40,8 @@ class ProtectOnFitEnd(L.Callback):
         enabled: Set false to skip the export (e.g. during quick checks).
     """
 
-    def __init__(self, out_dir: str | None = None, overwrite: bool = False, mode: str | None = None, enabled: bool = True) -> None:
+    def __init__(self, out_dir: str | None = None, overwrite: bool = False,
+                 mode: Literal["samplewise", "classwise"] | None = None, enabled: bool = True) -> None:
         self.out_dir = out_dir
         self.overwrite = overwrite
         self.mode = mode
@@ -58,7 +60,7 @@ class ProtectOnFitEnd(L.Callback):
         device = trainer.strategy.root_device
         pl_module.to(device)
         try:
-            perturb = pl_module.perturb_fn(datamodule, self.mode)
+            perturb = pl_module.make_perturb_fn(datamodule, self.mode)
             out = protect_dataset(
                 datamodule,
                 perturb,

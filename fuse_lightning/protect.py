@@ -428,7 +428,7 @@ def protect_main(argv: list[str]) -> int:
         mode = args.mode or model.hparams.mode
         info = run_manifest(model, datamodule, mode=mode, ckpt_path=str(ckpt.resolve()))
         out = protect_dataset(
-            datamodule, model.perturb_fn(datamodule, mode), args.out, eps=model.hparams.eps,
+            datamodule, model.make_perturb_fn(datamodule, mode), args.out, eps=model.hparams.eps,
             manifest=info, overwrite=args.overwrite, device=device,
         )
     print(f"protected data written to {out}")

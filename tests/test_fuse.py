@@ -99,7 +99,7 @@ def test_classwise_mode_gives_one_delta_per_class(tiny_cifar10: Path):
     torch.manual_seed(0)
     model = small_fuse(mode="classwise")
     dm = tiny_dm(tiny_cifar10)
-    perturb = model.perturb_fn(dm)
+    perturb = model.make_perturb_fn(dm)
     x, y = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
     delta = perturb(x, y, torch.arange(20))
     for c in range(10):
@@ -116,7 +116,7 @@ def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path
         for p in model.generator.parameters():
             p.mul_(20)  # large perturbations: the uint8 clip must hold the budget
     dm = tiny_dm(tiny_cifar10)
-    out = protect_dataset(dm, model.perturb_fn(dm), tmp_path / "protected", eps=8, manifest={"method": "fuse"}, progress=False)
+    out = protect_dataset(dm, model.make_perturb_fn(dm), tmp_path / "protected", eps=8, manifest={"method": "fuse"}, progress=False)
     manifest = verify_manifest(out)
     assert manifest["num_images"] == 200 and manifest["eps_255"] == 8
     assert manifest["fidelity"]["linf_uint8"] <= 8
@@ -135,7 +135,7 @@ def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path
         verify_manifest(out)
     # Refuses to overwrite without the flag.
     with pytest.raises(FileExistsError, match="overwrite"):
-        protect_dataset(dm, model.perturb_fn(dm), out, eps=8, progress=False)
+        protect_dataset(dm, model.make_perturb_fn(dm), out, eps=8, progress=False)
 
 
 def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_path: Path):
@@ -201,7 +201,7 @@ def test_imagenet_subset_export_streams_png_tree_in_budget(tiny_imagenet: Path, 
 
     torch.manual_seed(0)
     model = small_fuse(num_classes=3)
-    out = protect_dataset(dm(), model.perturb_fn(), tmp_path / "protected", eps=8, progress=False)
+    out = protect_dataset(dm(), model.make_perturb_fn(), tmp_path / "protected", eps=8, progress=False)
     manifest = verify_manifest(out)
     pngs = sorted(out.rglob("*.png"))
     assert len(pngs) == manifest["num_images"] == 18  # 3 classes x 6 images, written batch by batch
