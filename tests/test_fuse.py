@@ -176,6 +176,46 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     assert err.value.code != 0
 
 
+def exported_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an export but its manifest (which records times and paths)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_fuse_protect_from_the_checkpoint_alone(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
+    """`fuse protect --ckpt X --out Y` needs no config: the checkpoint's saved hyperparameters rebuild
+    the model and the DataModule, and the export has the same bytes as one made with the config."""
+    import shutil
+
+    from fuse_lightning.checkpoints import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    data = ["--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false", "--data.train_subset", "null",
+            "--data.download", "false"]
+    # eps 32: after two steps the generator's delta already survives the rounding to uint8.
+    assert main(["fit", *FUSE_CPU, *data, "--model.eps", "32", "--trainer.max_steps", "2",
+                 "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger", "false", "--trainer.default_root_dir", "run"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(ckpt)
+    assert saved["datamodule_hyper_parameters"]["_class_path"].endswith("CIFAR10DataModule")
+    assert saved["hyper_parameters"]["generator_arch"] == "encdec"  # the overlay's, not the base's
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "alone"]) == 0
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "with_config", *FUSE_CPU, *data,
+                 "--model.eps", "32"]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_cifar10, moved)
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "moved_data", "--data.data_dir", str(moved)]) == 0
+    alone = exported_files(tmp_path / "alone")
+    assert len(alone) == 6 and alone == exported_files(tmp_path / "with_config")
+    assert alone == exported_files(tmp_path / "moved_data") == exported_files(tmp_path / "run" / "protected")
+    manifest = verify_manifest(tmp_path / "alone")
+    assert 0 < manifest["fidelity"]["linf_uint8"] <= 32 and manifest["num_images"] == 200
+    assert manifest["eps_255"] == 32 and manifest["data_config"]["data_dir"] == str(tiny_cifar10)
+    assert verify_manifest(tmp_path / "moved_data")["data_config"]["data_dir"] == str(moved)
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     callbacks = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
