@@ -127,9 +127,9 @@ def _trainer(device: torch.device, callbacks: list, precision: str | None = None
 
 
 def _datamodule(images: torch.Tensor, labels: torch.Tensor, batch: int, augment: bool):
-    from fuse_lightning.data import ImageClassificationDataModule
+    from fuse_lightning.data import ResidentImageDataModule
 
-    class Synthetic(ImageClassificationDataModule):
+    class Synthetic(ResidentImageDataModule):
         _num_classes = 10
 
         def _load_split(self, split: str):
@@ -322,7 +322,7 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
     data = ["--data.init_args.data_dir", str(Path(data_dir).resolve())]
     commands = {
         "FUSE (train + export), configs/fuse_cifar10_cpu.yaml": [
-            "fit", "--config", "configs/fuse_cifar10_cpu.yaml", *data, "--trainer.enable_progress_bar", "false"],
+            "fit", "--config", "configs/fuse_cifar10.yaml", "--config", "configs/fuse_cifar10_cpu.yaml", *data, "--trainer.enable_progress_bar", "false"],
         "EM sample-wise, configs/baselines/em_cifar10_cpu.yaml": [
             "baseline", "--config", "configs/baselines/em_cifar10_cpu.yaml", *data, "--out", str(work / "em"),
             "--overwrite"],

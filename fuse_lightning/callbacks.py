@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -57,7 +58,7 @@ class ProtectOnFitEnd(L.Callback):
         self,
         out_dir: str | None = None,
         overwrite: bool = False,
-        mode: str | None = None,
+        mode: Literal["samplewise", "classwise"] | None = None,
         enabled: bool = True,
         log_artifact: bool = True,
         artifact_name: str | None = None,
@@ -84,7 +85,7 @@ class ProtectOnFitEnd(L.Callback):
         device = trainer.strategy.root_device
         pl_module.to(device)
         try:
-            perturb = pl_module.perturb_fn(datamodule, self.mode)
+            perturb = pl_module.make_perturb_fn(datamodule, self.mode)
             out = protect_dataset(
                 datamodule,
                 perturb,

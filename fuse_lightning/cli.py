@@ -17,23 +17,19 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-# Imported so that short class names (`VictimModule`, `CIFAR10DataModule`, `LowPass`) resolve
-# in configs and on the command line.
-import fuse_lightning.data  # noqa: F401
-import fuse_lightning.filters  # noqa: F401
-import fuse_lightning.victim  # noqa: F401
 from fuse_lightning.checkpoints import register_safe_globals
+from fuse_lightning.links import import_config_classes, link_data_to_model
 
-# DataModule attributes every LightningModule of this project takes as constructor arguments.
-LINKED_DATA_ATTRIBUTES = ("num_classes", "image_size", "mean", "std")
+# Short class names (`FUSEModule`, `VictimModule`, `CIFAR10DataModule`, `LowPass`) resolve in
+# configs and on the command line.
+import_config_classes()
 
 
 class FuseCLI(LightningCLI):
     """LightningCLI with the data -> model links shared by every module of the project."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name in LINKED_DATA_ATTRIBUTES:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        link_data_to_model(parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, with checkpoints in a fixed directory of its run and per-batch seeding."""

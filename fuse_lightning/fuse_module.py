@@ -25,6 +25,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import lightning as L
 import torch
@@ -34,9 +35,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from fuse_lightning import spectral
 from fuse_lightning.budget import eps_to_unit
 from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
+from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.conditioned import ConditionedGenerator
+from fuse_lightning.nets.generators import GeneratorName
 from fuse_lightning.nets.normalized import CIFAR10_MEAN, CIFAR10_STD, classifier_with_normalization
-from fuse_lightning.victim import cosine_with_warmup
+from fuse_lightning.nets.schedules import cosine_with_warmup
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
@@ -135,18 +138,18 @@ class FUSEModule(L.LightningModule):
         mean: Sequence[float] = CIFAR10_MEAN,
         std: Sequence[float] = CIFAR10_STD,
         eps: float = 8.0,
-        generator_arch: str = "encdec",
+        generator_arch: GeneratorName = "encdec",
         generator_width: int = 32,
         label_embed_dim: int = 8,
         label_code_size: int = 0,
-        surrogate_arch: str = "resnet18",
+        surrogate_arch: ClassifierName = "resnet18",
         surrogate_kwargs: dict | None = None,
         surrogate_steps: int = 1,
         surrogate_optimizer: OptimizerFactory | None = None,
         generator_optimizer: OptimizerFactory | None = None,
-        scheduler: str = "none",
+        scheduler: Literal["none", "cosine"] = "none",
         generator_grad_clip: float = 1.0,
-        mode: str = "samplewise",
+        mode: Literal["samplewise", "classwise"] = "samplewise",
         stop_accuracy: float = 0.99,
         min_epochs_before_stop: int = 1,
         rsm: RSMConfig | None = None,
@@ -191,10 +194,18 @@ class FUSEModule(L.LightningModule):
         return (x + self.perturbation(x, y)).clamp(0, 1)
 
     @torch.no_grad()
-    def perturb_fn(self, datamodule=None, mode: str | None = None):
-        """A `(images, labels, indices) -> delta` function for `protect.protect_dataset`.
+    def make_perturb_fn(self, datamodule=None, mode: str | None = None):
+        """Make the export's `perturb_fn(images, labels, indices) -> delta` (the function every
+        method hands to `protect.protect_dataset`) from the trained generator.
 
         Class-wise mode first averages G's outputs per class over the DataModule's training set.
+
+        Args:
+            datamodule: The DataModule whose training set class-wise mode averages over.
+            mode: "samplewise" or "classwise"; default: the module's `mode`.
+
+        Returns:
+            The perturbation function (the module is put in eval mode).
         """
         mode = mode or self.hparams.mode
         self.eval()

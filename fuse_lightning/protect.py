@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -375,67 +375,204 @@ def protect_folder(
         raise
 
 
-def protect_main(argv: list[str]) -> int:
-    """`fuse protect --ckpt CKPT --config CFG --out DIR [--images FOLDER] [...]`.
+# Sections of a training config that `fuse protect --config` accepts and does not use.
+TRAINING_ONLY_KEYS = ("trainer", "optimizer", "lr_scheduler", "ckpt_path", "weights_only")
 
-    Loads the model (and DataModule) described by the config(s), restores the checkpoint's
-    weights, and writes the protected training set in the source's format — or, with
-    `--images`, protected PNGs of a plain folder. Any other flag (e.g. `--data.data_dir`) is
-    passed to the config parser.
+
+def build_protect_parser(link_data: bool = True):
+    """The argument parser of `fuse protect` (jsonargparse: `--config`, dotted `--data.*` flags).
+
+    Args:
+        link_data: Link the DataModule's `num_classes`, `image_size`, `mean` and `std` into the
+            model, as training does; off for `--images`, where no DataModule is built.
     """
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    from fuse_lightning.data.base import ImageClassificationDataModule
+    from fuse_lightning.fuse_module import FUSEModule
+    from fuse_lightning.links import import_config_classes, link_data_to_model
+
+    import_config_classes()
+    parser = ArgumentParser(
+        prog="fuse protect",
+        description="Write a protected dataset from a trained FUSE checkpoint. The checkpoint's saved "
+        "hyperparameters rebuild the model and the DataModule; --config and dotted flags "
+        "(--data.data_dir DIR, --model.*) override them.",
+        parser_mode="omegaconf+",
+    )
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="Config overriding the checkpoint's settings (repeatable, the last wins); a "
+                        "training config works, its trainer section is ignored.")
+    parser.add_argument("--ckpt", type=str, required=True, help="FUSE checkpoint (.ckpt).")
+    parser.add_argument("--out", type=str, required=True, help="Output directory (written atomically).")
+    parser.add_argument("--overwrite", action=ActionYesNo, default=False, help="Replace an existing --out.")
+    parser.add_argument("--mode", type=Literal["samplewise", "classwise"] | None, default=None,
+                        help="Export mode; default: the model's.")
+    parser.add_argument("--images", type=str | None, default=None,
+                        help="Protect this folder of images instead of the training set.")
+    parser.add_argument("--label", type=int, default=0, help="Class for loose images in --images.")
+    parser.add_argument("--tile", type=int, default=512, help="--images: tile side in pixels (bounds memory).")
+    parser.add_argument("--overlap", type=int, default=32, help="--images: context margin of each tile.")
+    parser.add_argument("--device", type=str, default="auto", help="cpu, cuda, cuda:1 or auto.")
+    parser.add_argument("--wandb_project", type=str | None, default=None,
+                        help="Also log the export as a W&B artifact in this project.")
+    parser.add_argument("--wandb_artifact", type=str | None, default=None,
+                        help="Its artifact name (default: the --out directory's name).")
+    parser.add_argument("--seed_everything", type=bool | int | None, default=None,
+                        help="Seed recorded in the manifest (an integer seeds the run).")
+    for key in TRAINING_ONLY_KEYS:
+        parser.add_argument(f"--{key}", type=Any, default=None, help=f"Ignored ({key} of a training config).")
+    parser.add_subclass_arguments(FUSEModule, "model", required=False)
+    parser.add_subclass_arguments(ImageClassificationDataModule, "data", required=False)
+    if link_data:
+        link_data_to_model(parser)
+    return parser
+
+
+def _imported_class(class_path: str, base: type, ckpt: Path) -> type:
+    """The class named by a checkpoint, which must already be imported and derive from `base`.
+
+    Nothing is imported on a checkpoint's say (as Lightning's `load_from_checkpoint` does).
+    """
+    import sys
+
+    from fuse_lightning.checkpoints import CheckpointError
+
+    module_name, _, name = str(class_path).rpartition(".")
+    cls = getattr(sys.modules.get(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise CheckpointError(
+            f"{ckpt}: refusing the class {class_path!r} it names: not an imported subclass of {base.__name__}"
+        )
+    return cls
+
+
+def _check_nested_classes(value: Any, ckpt: Path) -> None:
+    """Every `class_path` inside saved hyperparameters must name an imported class."""
+    if isinstance(value, dict):
+        if "class_path" in value and "." in str(value["class_path"]):
+            _imported_class(value["class_path"], object, ckpt)
+        for item in value.values():
+            _check_nested_classes(item, ckpt)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_nested_classes(item, ckpt)
+
+
+def _saved_group(hparams: dict[str, Any], base: type, default_class: type | None, ckpt: Path,
+                 skip: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """`{class_path, init_args}` from a checkpoint's saved hyperparameters (None without a class).
+
+    Only the class's constructor arguments are kept (minus `skip`), as `load_from_checkpoint` does.
+    """
+    import inspect
+
+    hparams = dict(hparams)
+    hparams.pop("_instantiator", None)
+    class_path = hparams.pop("_class_path", None)
+    if class_path is None and default_class is None:
+        return None
+    cls = _imported_class(class_path, base, ckpt) if class_path is not None else default_class
+    accepted = inspect.signature(cls.__init__).parameters
+    init_args = {k: v for k, v in hparams.items() if k in accepted and k not in skip}
+    _check_nested_classes(init_args, ckpt)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def checkpoint_defaults(state: dict[str, Any], ckpt: Path, link_data: bool = True) -> dict[str, Any]:
+    """The `model` and `data` settings a FUSE checkpoint saved, as parser defaults.
+
+    Args:
+        state: The loaded checkpoint.
+        ckpt: Its path (for messages).
+        link_data: The model's DataModule-linked arguments come from the DataModule (left out).
+
+    Returns:
+        `{"model": {...}}` plus `"data"` when the checkpoint holds the DataModule's settings.
+    """
+    from fuse_lightning.data.base import ImageClassificationDataModule
+    from fuse_lightning.fuse_module import FUSEModule
+    from fuse_lightning.links import LINKED_DATA_ATTRIBUTES
+
+    skip = LINKED_DATA_ATTRIBUTES if link_data else ()
+    defaults = {"model": _saved_group(state.get("hyper_parameters") or {}, FUSEModule, FUSEModule, ckpt, skip)}
+    data = state.get("datamodule_hyper_parameters")
+    if data:
+        group = _saved_group(data, ImageClassificationDataModule, None, ckpt)
+        if group is not None:
+            defaults["data"] = group
+    return defaults
+
+
+def _prescan(argv: list[str]) -> tuple[str | None, bool]:
+    """`--ckpt` and whether `--images` is given, before the full parser is built."""
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog="fuse protect",
-        description="Write a protected dataset from a trained FUSE checkpoint.",
-        epilog="Remaining flags (--config, --data.data_dir, ...) go to the Lightning config parser.",
-    )
-    parser.add_argument("--ckpt", required=True, help="FUSE checkpoint (.ckpt)")
-    parser.add_argument("--out", required=True, help="output directory (written atomically)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--mode", choices=["samplewise", "classwise"], default=None, help="default: the model's")
-    parser.add_argument("--images", default=None, help="protect this folder of images instead of the training set")
-    parser.add_argument("--label", type=int, default=0, help="class for loose images in --images")
-    parser.add_argument("--tile", type=int, default=512, help="--images: tile side in pixels (bounds memory)")
-    parser.add_argument("--overlap", type=int, default=32, help="--images: context margin of each tile")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    parser.add_argument("--wandb_project", default=None, help="also log the export as a W&B artifact in this project")
-    parser.add_argument("--wandb_artifact", default=None, help="its artifact name (default: the --out directory's name)")
-    args, rest = parser.parse_known_args(argv)
-    ckpt = Path(args.ckpt)
-    if not ckpt.is_file():
-        parser.error(f"--ckpt {ckpt} does not exist")
-    if Path(args.out).exists() and not args.overwrite:
-        parser.error(f"--out {args.out} already exists; pass --overwrite to replace it")
-    from fuse_lightning.cli import build_cli
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--ckpt", default=None)
+    pre.add_argument("--images", default=None)
+    known, _ = pre.parse_known_args(argv)
+    return known.ckpt, known.images is not None
 
-    cli = build_cli(rest + ["--trainer.logger", "false"], run=False)
-    model, datamodule = cli.model, cli.datamodule
+
+def protect_main(argv: list[str]) -> int:
+    """`fuse protect --ckpt CKPT --out DIR [--images FOLDER] [--config CFG] [--data.data_dir D] ...`.
+
+    Rebuilds the FUSE model and its DataModule from the checkpoint's saved hyperparameters (a
+    config is optional: `--config` and dotted flags override), loads the weights (weights-only)
+    and writes the protected training set in the source's format — or, with `--images`,
+    protected PNGs of a plain folder.
+    """
     from fuse_lightning.checkpoints import CheckpointError, load_checkpoint
 
-    try:
-        state = load_checkpoint(ckpt)
-    except CheckpointError as err:
-        parser.error(str(err))
+    ckpt_arg, images = _prescan(list(argv))
+    parser = build_protect_parser(link_data=not images)
+    state = None
+    if ckpt_arg is not None:
+        ckpt = Path(ckpt_arg)
+        if not ckpt.is_file():
+            parser.error(f"--ckpt {ckpt} does not exist")
+        try:
+            state = load_checkpoint(ckpt)
+            parser.set_defaults(checkpoint_defaults(state, ckpt, link_data=not images))
+        except CheckpointError as err:
+            parser.error(str(err))
+    cfg = parser.parse_args(list(argv))
+    ckpt = Path(cfg.ckpt)
+    if Path(cfg.out).exists() and not cfg.overwrite:
+        parser.error(f"--out {cfg.out} already exists; pass --overwrite to replace it")
+    if cfg.get("model") is None:
+        parser.error(f"{ckpt} holds no model settings; pass --config with the training config")
+    if images:
+        cfg.data = None  # a folder of images needs no DataModule
+    elif cfg.get("data") is None:
+        parser.error(f"{ckpt} holds no DataModule settings (written by an older version); pass --config "
+                     "with the training config, or --data with the DataModule")
+    if isinstance(cfg.seed_everything, int) and not isinstance(cfg.seed_everything, bool):
+        import lightning as L
+
+        L.seed_everything(cfg.seed_everything)
+    init = parser.instantiate_classes(cfg)
+    model, datamodule = init.model, init.data
     try:
         model.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError) as err:
         parser.error(f"cannot load {ckpt} into {type(model).__name__}: {err}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
     model.to(device).eval()
-    if args.images:
-        out = protect_folder(model, args.images, args.out, label=args.label, overwrite=args.overwrite,
-                             tile=args.tile, overlap=args.overlap)
+    if images:
+        out = protect_folder(model, cfg.images, cfg.out, label=cfg.label, overwrite=cfg.overwrite,
+                             tile=cfg.tile, overlap=cfg.overlap)
     else:
-        mode = args.mode or model.hparams.mode
+        mode = cfg.mode or model.hparams.mode
         info = run_manifest(model, datamodule, mode=mode, ckpt_path=str(ckpt.resolve()))
         out = protect_dataset(
-            datamodule, model.perturb_fn(datamodule, mode), args.out, eps=model.hparams.eps,
-            manifest=info, overwrite=args.overwrite, device=device,
+            datamodule, model.make_perturb_fn(datamodule, mode), cfg.out, eps=model.hparams.eps,
+            manifest=info, overwrite=cfg.overwrite, device=device,
         )
     print(f"protected data written to {out}")
-    if args.wandb_project:
+    if cfg.wandb_project:
         from fuse_lightning.wandb_artifacts import log_export
 
-        log_export(out, args.wandb_project, args.wandb_artifact, "fuse protect")
+        log_export(out, cfg.wandb_project, cfg.wandb_artifact, "fuse protect")
     return 0

@@ -7,32 +7,23 @@ report accuracy on the *clean* test set (`val/acc` during fit, `test/acc` in `te
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.normalized import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     classifier_with_normalization,
 )
+from fuse_lightning.nets.schedules import cosine_with_warmup
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
-
-def cosine_with_warmup(total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up then cosine decay to zero over `total_steps` optimizer steps."""
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 class VictimModule(L.LightningModule):
@@ -64,7 +55,7 @@ class VictimModule(L.LightningModule):
 
     def __init__(
         self,
-        arch: str = "resnet18",
+        arch: ClassifierName = "resnet18",
         num_classes: int = 10,
         image_size: int = 32,
         mean: Sequence[float] = CIFAR10_MEAN,
@@ -75,7 +66,7 @@ class VictimModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         nesterov: bool = False,
-        scheduler: str = "cosine",
+        scheduler: Literal["cosine", "none"] = "cosine",
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         channels_last: bool = True,

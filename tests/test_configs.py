@@ -6,19 +6,34 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fuse_lightning.cli import build_cli, main
 
 REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = sorted(p for p in (REPO / "configs").glob("*.yaml"))
-OVERLAYS = {  # composed after a base config
+OVERLAYS = {  # composed after a base config, holding only what differs from it
+    "fuse_cifar10_cpu.yaml": "fuse_cifar10.yaml",
+    "fuse_cifar100.yaml": "fuse_cifar10.yaml",
     "victim_cpu.yaml": "victim_cifar10.yaml",
     "victim_fast_cpu.yaml": "victim_cifar10.yaml",
+    "victim_cifar100.yaml": "victim_cifar10.yaml",
 }
 
 
-def data_args(config: Path, tiny: dict[str, Path]) -> list[str]:
-    text = config.read_text()
+def composed(config: str) -> list[Path]:
+    """The config files a shipped config is used with, in order: its base (if any), then itself."""
+    base = OVERLAYS.get(config)
+    return [REPO / "configs" / name for name in ((base,) if base else ()) + (config,)]
+
+
+def config_args(configs: list[Path]) -> list[str]:
+    return [word for c in configs for word in ("--config", str(c))]
+
+
+def data_args(configs: Path | list[Path], tiny: dict[str, Path]) -> list[str]:
+    """Flags that point the (composed) config at tiny generated data."""
+    text = "".join(c.read_text() for c in ([configs] if isinstance(configs, Path) else configs))
     if "ImageNetSubsetDataModule" in text:
         return ["--data.data_dir", str(tiny["imagenet"]), "--data.image_size", "32", "--data.num_workers", "0",
                 "--data.num_classes", "3"]
@@ -31,20 +46,16 @@ def data_args(config: Path, tiny: dict[str, Path]) -> list[str]:
 def test_config_fast_dev_run(config: Path, tiny_cifar10, tiny_cifar100, tiny_imagenet, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # logs/, outputs/ of the run stay in the temporary directory
     torch.manual_seed(0)
-    configs = ["--config", str(config)]
-    base = OVERLAYS.get(config.name)
-    if base:
-        configs = ["--config", str(REPO / "configs" / base)] + configs
-    composed = REPO / "configs" / (base or config.name)
+    configs = composed(config.name)
     tiny = {"cifar10": tiny_cifar10, "cifar100": tiny_cifar100, "imagenet": tiny_imagenet}
-    args = ["fit", *configs, *data_args(composed, tiny), "--trainer.fast_dev_run", "1",
+    args = ["fit", *config_args(configs), *data_args(configs, tiny), "--trainer.fast_dev_run", "1",
             "--trainer.enable_progress_bar", "false"]
     assert main(args) == 0
 
 
 GROUPS = ("trainer", "logger", "debug")
 OVERLAY_FILES = sorted(p for group in GROUPS for p in (REPO / "configs" / group).glob("*.yaml"))
-MAIN_CONFIGS = ("fuse_cifar10.yaml", "fuse_cifar10_cpu.yaml", "victim_cifar10.yaml", "victim_cifar100.yaml")
+MAIN_CONFIGS = [p.name for p in RUNNABLE]  # each with its base when it is an overlay
 
 
 @pytest.mark.parametrize("main_config", MAIN_CONFIGS)
@@ -53,7 +64,7 @@ def test_config_groups_compose(overlay: Path, main_config: str, tmp_path, capsys
     """Every group overlay (trainer/, logger/, debug/) composes with every main config; last wins."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        build_cli(["fit", "--config", str(REPO / "configs" / main_config), "--config", str(overlay),
+        build_cli(["fit", *config_args(composed(main_config)), "--config", str(overlay),
                    "--trainer.default_root_dir", "runs/x", "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
@@ -68,6 +79,47 @@ def test_config_groups_compose(overlay: Path, main_config: str, tmp_path, capsys
     }[overlay.stem]
     for text in expected:
         assert text in printed, (text, overlay)
+
+
+def printed_config(configs: list[Path], capsys) -> dict:
+    with pytest.raises(SystemExit):
+        build_cli(["fit", *config_args(configs), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def callback_names(config: dict) -> list[str]:
+    return [c["class_path"].rsplit(".", 1)[-1] for c in config["trainer"]["callbacks"]]
+
+
+def test_overlays_compose_to_the_full_recipe(capsys):
+    """An overlay changes only what it names: the rest (also the data's init_args across a class_path
+    change) comes from its base, and a list (callbacks) replaces the base's list as a whole."""
+    base = printed_config(composed("fuse_cifar10.yaml"), capsys)
+    c100 = printed_config(composed("fuse_cifar100.yaml"), capsys)
+    cpu = printed_config(composed("fuse_cifar10_cpu.yaml"), capsys)
+    assert c100["data"]["class_path"] == "fuse_lightning.data.CIFAR100DataModule"
+    assert c100["data"]["init_args"] == base["data"]["init_args"]  # batch 256, test_subset 2000, augment off
+    assert c100["data"]["init_args"]["batch_size"] == 256 and c100["data"]["init_args"]["augment"] is False
+    assert c100["model"]["init_args"] == {**base["model"]["init_args"], "label_embed_dim": 16}
+    assert c100["trainer"]["default_root_dir"] == "outputs/fuse_cifar100"
+    assert c100["trainer"]["logger"]["init_args"]["save_dir"] == "outputs/fuse_cifar100"
+    assert callback_names(base)[0] == "ThroughputLogger"
+    assert callback_names(c100) == callback_names(cpu) == ["ModelCheckpoint", "PerturbationMonitor", "ProtectOnFitEnd"]
+    model, data = cpu["model"]["init_args"], cpu["data"]["init_args"]
+    assert (model["generator_arch"], model["generator_width"], model["surrogate_arch"]) == ("encdec", 16, "fastnet")
+    assert model["surrogate_kwargs"] == {"width": 0.5} and model["rsm"] == base["model"]["init_args"]["rsm"]
+    assert model["generator_optimizer"]["init_args"]["lr"] == 2.0e-3
+    assert model["surrogate_optimizer"]["init_args"] == {**base["model"]["init_args"]["surrogate_optimizer"]["init_args"],
+                                                         "lr": 0.05}
+    assert cpu["data"]["class_path"] == "fuse_lightning.data.CIFAR10DataModule"
+    assert (data["batch_size"], data["train_subset"], data["test_subset"], data["augment"]) == (128, 5000, 1000, False)
+    assert (cpu["trainer"]["max_epochs"], cpu["trainer"]["log_every_n_steps"]) == (8, 5)
+    victim = printed_config(composed("victim_cifar10.yaml"), capsys)
+    v100 = printed_config(composed("victim_cifar100.yaml"), capsys)
+    assert v100["data"]["class_path"] == "fuse_lightning.data.CIFAR100DataModule"
+    assert v100["data"]["init_args"] == victim["data"]["init_args"] and v100["model"] == victim["model"]
+    assert callback_names(v100) == ["ModelCheckpoint", "LearningRateMonitor"]
+    assert v100["trainer"]["default_root_dir"] == "outputs/victim_cifar100"
 
 
 def test_debug_and_logger_groups_run(tiny_cifar10, tmp_path, monkeypatch):
@@ -123,9 +175,9 @@ def test_wandb_offline_logging(tiny_cifar10, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):  # nothing under ~
         monkeypatch.setenv(var, str(tmp_path))
-    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
-    assert main(["fit", "--config", str(cfg), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
-                 *data_args(cfg, {"cifar10": tiny_cifar10}), "--trainer.max_epochs", "1",
+    configs = composed("fuse_cifar10_cpu.yaml")
+    assert main(["fit", *config_args(configs), "--config", str(REPO / "configs" / "logger" / "wandb.yaml"),
+                 *data_args(configs, {"cifar10": tiny_cifar10}), "--trainer.max_epochs", "1",
                  "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
                  "--trainer.enable_progress_bar", "false"]) == 0
     runs = list(tmp_path.rglob("offline-run-*"))

@@ -56,7 +56,7 @@ def test_victim_two_processes_match_one(tiny_cifar10, tmp_path):
 
 
 def test_fuse_two_processes_match_one(tiny_cifar10, tmp_path):
-    configs = ["--config", str(REPO / "configs/fuse_cifar10_cpu.yaml")]
+    configs = ["--config", str(REPO / "configs/fuse_cifar10.yaml"), "--config", str(REPO / "configs/fuse_cifar10_cpu.yaml")]
     one = fit(configs, tiny_cifar10, tmp_path / "one", devices=1, batch=64, epochs=3)
     two = fit(configs, tiny_cifar10, tmp_path / "two", devices=2, batch=32, epochs=3)
     # The export runs once (rank 0) and holds the whole training set within the budget.

@@ -10,11 +10,12 @@ import pytest
 from fuse_lightning.cli import main, user_error_message
 
 REPO = Path(__file__).resolve().parents[1]
-FUSE_CPU = str(REPO / "configs" / "fuse_cifar10_cpu.yaml")
+FUSE_CPU = ["--config", str(REPO / "configs" / "fuse_cifar10.yaml"),
+            "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml")]
 
 
 def fit_args(data_dir: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", FUSE_CPU, "--data.data_dir", str(data_dir), "--data.download", "false",
+    return ["fit", *FUSE_CPU, "--data.data_dir", str(data_dir), "--data.download", "false",
             "--data.check_counts", "false", "--data.train_subset", "null", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", *extra]
 

@@ -18,6 +18,9 @@ from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
 from fuse_lightning.protect import protect_dataset, verify_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# The CPU-sized FUSE config: an overlay composed after the main config.
+FUSE_CPU = ["--config", str(REPO / "configs" / "fuse_cifar10.yaml"),
+            "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml")]
 
 
 def small_fuse(**kwargs) -> FUSEModule:
@@ -96,7 +99,7 @@ def test_classwise_mode_gives_one_delta_per_class(tiny_cifar10: Path):
     torch.manual_seed(0)
     model = small_fuse(mode="classwise")
     dm = tiny_dm(tiny_cifar10)
-    perturb = model.perturb_fn(dm)
+    perturb = model.make_perturb_fn(dm)
     x, y = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
     delta = perturb(x, y, torch.arange(20))
     for c in range(10):
@@ -113,7 +116,7 @@ def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path
         for p in model.generator.parameters():
             p.mul_(20)  # large perturbations: the uint8 clip must hold the budget
     dm = tiny_dm(tiny_cifar10)
-    out = protect_dataset(dm, model.perturb_fn(dm), tmp_path / "protected", eps=8, manifest={"method": "fuse"}, progress=False)
+    out = protect_dataset(dm, model.make_perturb_fn(dm), tmp_path / "protected", eps=8, manifest={"method": "fuse"}, progress=False)
     manifest = verify_manifest(out)
     assert manifest["num_images"] == 200 and manifest["eps_255"] == 8
     assert manifest["fidelity"]["linf_uint8"] <= 8
@@ -132,14 +135,13 @@ def test_export_loads_through_datamodule_and_matches_manifest(tiny_cifar10: Path
         verify_manifest(out)
     # Refuses to overwrite without the flag.
     with pytest.raises(FileExistsError, match="overwrite"):
-        protect_dataset(dm, model.perturb_fn(dm), out, eps=8, progress=False)
+        protect_dataset(dm, model.make_perturb_fn(dm), out, eps=8, progress=False)
 
 
 def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_path: Path):
     torch.manual_seed(0)
-    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
     ckpt_dir = tmp_path / "run"
-    main(["fit", "--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+    main(["fit", *FUSE_CPU, "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
           "--data.train_subset", "null", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
           "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -153,7 +155,7 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     for name, (h, w) in sizes.items():
         Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(folder / name)
     out = tmp_path / "protected_photos"
-    args = ["protect", "--ckpt", str(ckpt), "--config", str(cfg), "--data.data_dir", str(tiny_cifar10),
+    args = ["protect", "--ckpt", str(ckpt), *FUSE_CPU, "--data.data_dir", str(tiny_cifar10),
             "--images", str(folder), "--out", str(out)]
     assert main(args) == 0
     manifest = verify_manifest(out)
@@ -174,12 +176,51 @@ def test_fuse_protect_cli_on_a_folder_of_mixed_sizes(tiny_cifar10: Path, tmp_pat
     assert err.value.code != 0
 
 
+def exported_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an export but its manifest (which records times and paths)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*"))
+            if p.is_file() and p.name != "manifest.json"}
+
+
+def test_fuse_protect_from_the_checkpoint_alone(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
+    """`fuse protect --ckpt X --out Y` needs no config: the checkpoint's saved hyperparameters rebuild
+    the model and the DataModule, and the export has the same bytes as one made with the config."""
+    import shutil
+
+    from fuse_lightning.checkpoints import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    data = ["--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false", "--data.train_subset", "null",
+            "--data.download", "false"]
+    # eps 32: after two steps the generator's delta already survives the rounding to uint8.
+    assert main(["fit", *FUSE_CPU, *data, "--model.eps", "32", "--trainer.max_steps", "2",
+                 "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                 "--trainer.logger", "false", "--trainer.default_root_dir", "run"]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = load_checkpoint(ckpt)
+    assert saved["datamodule_hyper_parameters"]["_class_path"].endswith("CIFAR10DataModule")
+    assert saved["hyper_parameters"]["generator_arch"] == "encdec"  # the overlay's, not the base's
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "alone"]) == 0
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "with_config", *FUSE_CPU, *data,
+                 "--model.eps", "32"]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_cifar10, moved)
+    assert main(["protect", "--ckpt", str(ckpt), "--out", "moved_data", "--data.data_dir", str(moved)]) == 0
+    alone = exported_files(tmp_path / "alone")
+    assert len(alone) == 6 and alone == exported_files(tmp_path / "with_config")
+    assert alone == exported_files(tmp_path / "moved_data") == exported_files(tmp_path / "run" / "protected")
+    manifest = verify_manifest(tmp_path / "alone")
+    assert 0 < manifest["fidelity"]["linf_uint8"] <= 32 and manifest["num_images"] == 200
+    assert manifest["eps_255"] == 32 and manifest["data_config"]["data_dir"] == str(tiny_cifar10)
+    assert verify_manifest(tmp_path / "moved_data")["data_config"]["data_dir"] == str(moved)
+
+
 def test_killed_run_resumes_from_last_checkpoint(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = REPO / "configs" / "fuse_cifar10_cpu.yaml"
     callbacks = json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                              "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}])
-    common = ["--config", str(cfg), "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
+    common = [*FUSE_CPU, "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
               "--data.train_subset", "null", "--data.batch_size", "100", "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--trainer.callbacks", callbacks]
     main(["fit", *common, "--trainer.max_epochs", "1"])  # "killed" after one epoch
@@ -200,7 +241,7 @@ def test_imagenet_subset_export_streams_png_tree_in_budget(tiny_imagenet: Path, 
 
     torch.manual_seed(0)
     model = small_fuse(num_classes=3)
-    out = protect_dataset(dm(), model.perturb_fn(), tmp_path / "protected", eps=8, progress=False)
+    out = protect_dataset(dm(), model.make_perturb_fn(), tmp_path / "protected", eps=8, progress=False)
     manifest = verify_manifest(out)
     pngs = sorted(out.rglob("*.png"))
     assert len(pngs) == manifest["num_images"] == 18  # 3 classes x 6 images, written batch by batch
@@ -228,7 +269,7 @@ def test_protect_on_fit_end_exports_into_the_run_by_default(tiny_cifar10, tmp_pa
     assert export_dir("elsewhere", "runs/a") == Path("elsewhere")
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run_a"
-    assert main(["fit", "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml"),
+    assert main(["fit", *FUSE_CPU,
                  "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false",
                  "--data.train_subset", "null", "--data.test_subset", "null", "--data.download", "false",
                  "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 from torch import nn
 
 from fuse_lightning.nets import (
+    ClassifierName,
     EncoderDecoderGenerator,
+    GeneratorName,
     UNetGenerator,
     available_classifiers,
     available_generators,
@@ -26,6 +30,9 @@ def _n_params(m: nn.Module) -> int:
 def test_registry_lists_all_archs() -> None:
     assert sorted(ALL_ARCHS) == available_classifiers()
     assert available_generators() == ["encdec", "unet"]
+    # The Literal types of the constructors' arch arguments name exactly the registry's entries.
+    assert sorted(get_args(ClassifierName)) == available_classifiers()
+    assert sorted(get_args(GeneratorName)) == available_generators()
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)

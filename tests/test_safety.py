@@ -80,6 +80,7 @@ def test_fuse_protect_refuses_crafted_checkpoint(tiny_cifar10: Path, tmp_path: P
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": MarkerPayload(marker)}, ckpt)
     args = ["protect", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"),
+            "--config", str(REPO / "configs" / "fuse_cifar10.yaml"),
             "--config", str(REPO / "configs" / "fuse_cifar10_cpu.yaml"),
             "--data.data_dir", str(tiny_cifar10), "--data.check_counts", "false"]
     with pytest.raises(SystemExit) as err:
@@ -87,6 +88,32 @@ def test_fuse_protect_refuses_crafted_checkpoint(tiny_cifar10: Path, tmp_path: P
     assert err.value.code != 0
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert "refusing to load" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["model", "data", "filter"])
+def test_fuse_protect_imports_no_class_a_checkpoint_names(where: str, tmp_path: Path, monkeypatch, capsys):
+    """The classes a checkpoint's hyperparameters name must already be imported: `fuse protect`
+    rebuilds the model and the DataModule from them, and importing a module runs its code."""
+    import sys
+
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_classes.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Evil:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = {"eps": 8.0}
+    data = {"_class_path": "fuse_lightning.data.CIFAR10DataModule", "data_dir": str(tmp_path)}
+    if where == "model":
+        model["_class_path"] = "evil_classes.Evil"
+    elif where == "data":
+        data["_class_path"] = "evil_classes.Evil"
+    else:
+        data["train_filter"] = {"class_path": "evil_classes.Evil", "init_args": {}}
+    ckpt = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": model, "datamodule_hyper_parameters": data}, ckpt)
+    with pytest.raises(SystemExit) as err:
+        main(["protect", "--ckpt", str(ckpt), "--out", str(tmp_path / "out")])
+    assert err.value.code != 0
+    assert "refusing the class 'evil_classes.Evil'" in capsys.readouterr().err
+    assert not marker.exists() and "evil_classes" not in sys.modules and not (tmp_path / "out").exists()
 
 
 def test_project_checkpoint_types_load_weights_only(tmp_path: Path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fuse_lightning.data import CIFAR10DataModule
-from fuse_lightning.victim import VictimModule, cosine_with_warmup
+from fuse_lightning.nets.schedules import cosine_with_warmup
+from fuse_lightning.victim import VictimModule
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data"
 

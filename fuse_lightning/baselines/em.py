@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
+from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.normalized import classifier_with_normalization
 
 __all__ = ["ErrorMinimizingNoise", "load_state", "pgd_min_classwise", "pgd_min_samplewise", "save_state"]
@@ -204,8 +205,8 @@ class ErrorMinimizingNoise(Perturbation):
     def __init__(
         self,
         eps: float = 8.0,
-        mode: str = "samplewise",
-        arch: str = "resnet18",
+        mode: Literal["samplewise", "classwise"] = "samplewise",
+        arch: ClassifierName = "resnet18",
         arch_kwargs: dict | None = None,
         pgd_steps: int = 20,
         pgd_step_size: float = 0.8,
@@ -217,7 +218,7 @@ class ErrorMinimizingNoise(Perturbation):
         weight_decay: float = 5e-4,
         batch_size: int = 128,
         augment: bool = False,
-        unseen: str = "pgd",
+        unseen: Literal["pgd", "zero"] = "pgd",
         amp: bool = True,
         device: str = "auto",
         progress: bool = True,

@@ -1,4 +1,8 @@
-"""Datasets as LightningDataModules: CIFAR-10/100 resident in memory, ImageNet subsets from files."""
+"""Datasets as LightningDataModules: CIFAR-10/100 resident in memory, ImageNet subsets from files.
+
+`ImageClassificationDataModule` is the shared base; `ResidentImageDataModule` (CIFAR) and
+`ImageNetSubsetDataModule` are its two ways of loading data.
+"""
 
 from fuse_lightning.data.base import (
     ImageClassificationDataModule,
@@ -15,6 +19,7 @@ from fuse_lightning.data.cifar_format import (
     write_cifar,
 )
 from fuse_lightning.data.imagenet import ImageNetSubsetDataModule
+from fuse_lightning.data.resident import ResidentImageDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -22,6 +27,7 @@ __all__ = [
     "DatasetFormatError",
     "ImageClassificationDataModule",
     "ImageNetSubsetDataModule",
+    "ResidentImageDataModule",
     "TensorBatchDataset",
     "expected_counts",
     "label_names",

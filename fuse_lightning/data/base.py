@@ -1,15 +1,21 @@
-"""Base DataModule for image-classification sets held in memory as uint8 tensors.
+"""The shared base of the project's DataModules, and helpers for sets held in memory.
 
-The whole split lives in one uint8 tensor (as in airbench): a batch is one tensor index, moved to
-the device as uint8 (4x less traffic than float) and converted / augmented there. No worker
-processes are needed for CIFAR-sized data.
+`ImageClassificationDataModule` holds what every dataset shares: the constructor arguments
+(subsets, attacker filters, a protected copy), the properties the models are linked to, the
+uint8 -> float conversion on the device and the interface of the export (`protect_dataloader`,
+`write_train_set`). Its subclasses load their data: `ResidentImageDataModule`
+(`fuse_lightning.data.resident`, CIFAR) keeps a split in one uint8 tensor, the ImageNet subset
+(`fuse_lightning.data.imagenet`) decodes files in worker processes.
+
+The whole split of a resident set lives in one uint8 tensor (as in airbench): a batch is one tensor
+index, moved to the device as uint8 (4x less traffic than float) and converted / augmented there.
+No worker processes are needed for CIFAR-sized data.
 
 Protocol notes (unlearnable examples):
 - Validation and test both use the clean test set: the quantity of interest is the clean test
   accuracy of a model trained on (possibly protected) training data.
-- The attacker's preprocessing filters (`train_filter`, `test_filter`) are applied once, in
-  `setup`, to the stored uint8 images: the attacker filters the images and saves them, so the
-  result is re-quantised to uint8 like any saved image.
+- The attacker's preprocessing filters (`train_filter`, `test_filter`) act as if the attacker had
+  filtered the images and saved them: the result is re-quantised to uint8 like any saved image.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from fuse_lightning.filters import ImageFilter, filter_from_name, parse_filter_name
 
 __all__ = [
+    "EpochSeededSampler",
     "ImageClassificationDataModule",
     "TensorBatchDataset",
     "filter_name",
@@ -210,13 +217,17 @@ def _apply_filter(images: torch.Tensor, f: ImageFilter | None) -> torch.Tensor:
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
-    """Image classification with the dataset resident in memory as uint8 tensors.
+    """What every image-classification DataModule of the project shares.
 
-    Subclasses set the class constants (`mean`, `std`, `_num_classes`, `_image_shape`) and
-    implement `_load_split`, `_read_protected` and `write_train_set`.
+    Subclasses set the class constants (`mean`, `std`, `_num_classes`, `_image_shape`) and load
+    their data: `setup`, the dataloaders, `train_labels` / `test_labels`, and for the export
+    `protect_dataloader` and `write_train_set`.
+
+    The constructor arguments are saved as hyperparameters (in checkpoints, not in the logs), so
+    a checkpoint alone describes its data (`fuse protect --ckpt`).
 
     Args:
-        data_dir: Directory holding the dataset (for CIFAR, the parent of `cifar-10-batches-py`).
+        data_dir: Directory holding the dataset.
         batch_size: Training batch size.
         eval_batch_size: Batch size for validation, test and `protect_dataloader`.
         train_subset: Train on a class-stratified, seeded subset of this many training images
@@ -224,32 +235,26 @@ class ImageClassificationDataModule(L.LightningDataModule):
             `protected_dir` is set.
         test_subset: Evaluate on a class-stratified, seeded subset of this many test images.
         subset_seed: Seed of the subset choice.
-        augment: Random crop (4-pixel padding) + horizontal flip of training batches, done per
-            batch on the device.
-        pad_mode: Padding of the random crop: "zeros" (torchvision `RandomCrop(32, padding=4)`,
-            the unlearnable-examples protocol) or "reflect" (airbench).
+        augment: Augment training batches (what that means is the dataset's choice).
         train_filter: Attacker preprocessing of the training images, as a filter (e.g.
-            `LowPass`) or its name (e.g. "lowpass-ideal-0.25", "jpeg-10"); applied once in `setup` to the stored uint8 images: the attacker filters and saves
-            them. None leaves them untouched.
+            `LowPass`) or its name (e.g. "lowpass-ideal-0.25", "jpeg-10"): the attacker filters
+            and saves them. None leaves them untouched.
         test_filter: Same for the test images (an attacker who also filters at inference).
-        protected_dir: Directory with a protected copy of the training set in the same on-disk
-            format (as written by `write_train_set`); replaces the training set. The test set
-            always comes from `data_dir`.
-        download: Download the dataset into `data_dir` when it is missing.
-        num_workers: DataLoader worker processes; 0 is right for resident data.
-        check_counts: Require the full official split sizes (CIFAR: 50000/10000); disable for
-            a deliberately smaller copy in the same format (e.g. generated test data).
+        protected_dir: Directory with a protected copy of the training set in the dataset's own
+            on-disk format (as written by `write_train_set`); replaces the training set. The test
+            set always comes from `data_dir`.
+        num_workers: DataLoader worker processes.
         verify_manifest: Check `protected_dir` against its `manifest.json` before reading it
             (missing, changed or unlisted files are an error); false skips the check.
-        resident_on_device: On a GPU, keep the training and test tensors on the device (uint8,
-            moved once); batches are then gathered there and nothing crosses PCIe per step. Only
-            with `num_workers: 0`. CPU runs are unaffected.
     """
 
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     _num_classes: int = 0
     _image_shape: tuple[int, int, int] = (3, 32, 32)
+    # Whether `write_train_set` may be called batch by batch (one file per image) instead of once
+    # with the whole set.
+    streaming_export: bool = False
 
     def __init__(
         self,
@@ -260,19 +265,20 @@ class ImageClassificationDataModule(L.LightningDataModule):
         test_subset: int | None = None,
         subset_seed: int = 0,
         augment: bool = True,
-        pad_mode: str = "zeros",
         train_filter: ImageFilter | str | None = None,
         test_filter: ImageFilter | str | None = None,
         protected_dir: str | None = None,
-        download: bool = False,
         num_workers: int = 0,
-        check_counts: bool = True,
         verify_manifest: bool = True,
-        resident_on_device: bool = True,
     ) -> None:
         super().__init__()
-        if pad_mode not in ("zeros", "reflect"):
-            raise ValueError(f"pad_mode must be 'zeros' or 'reflect', got {pad_mode!r}")
+        # The arguments of the subclass's constructor (the CLI's config when built by it); the
+        # filters by name, so that a checkpoint holds plain data only.
+        self.save_hyperparameters(ignore=["train_filter", "test_filter"], logger=False)
+        for key, value in (("train_filter", train_filter), ("test_filter", test_filter)):
+            self.hparams[key] = value if value is None or isinstance(value, str) else filter_name(value)
+        # The class too (as LightningCLI records it), also when built without the CLI.
+        self.hparams.setdefault("_class_path", f"{type(self).__module__}.{type(self).__qualname__}")
         self.data_dir = str(data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -280,52 +286,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.test_subset = test_subset
         self.subset_seed = subset_seed
         self.augment = augment
-        self.pad_mode = pad_mode
-        self.crop_padding = 4
         # A filter may be given by name ("lowpass-ideal-0.25", "jpeg-10"), as sweeps do.
         self.train_filter = filter_from_name(train_filter) if isinstance(train_filter, str) else train_filter
         self.test_filter = filter_from_name(test_filter) if isinstance(test_filter, str) else test_filter
         self.protected_dir = protected_dir
-        self.download = download
         self.num_workers = num_workers
-        self.check_counts = check_counts
         self.verify_manifest = verify_manifest
-        self.resident_on_device = resident_on_device
-        self._on_device: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._train: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._source_train_cache: tuple[torch.Tensor, torch.Tensor] | None = None
         self.train_indices: torch.Tensor | None = None  # positions of the subset in the loaded set
-
-    # ----------------------------------------------------------------- subclass interface
-    def _load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load the source split ("train" / "test") as uint8 (N, C, H, W) and int64 (N,)."""
-        raise NotImplementedError
-
-    def _read_protected(self, directory: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Load a protected training set written by `write_train_set`."""
-        raise NotImplementedError
-
-    def write_train_set(
-        self,
-        out_dir: str | Path,
-        images_uint8: torch.Tensor,
-        labels: torch.Tensor,
-        indices: torch.Tensor | None = None,
-    ) -> list[Path]:
-        """Export a (protected) training set in the dataset's own on-disk format.
-
-        Args:
-            out_dir: Destination; pass it as `protected_dir` to train on the copy.
-            images_uint8: uint8 images (N, C, H, W).
-            labels: int64 labels (N,).
-            indices: Positions of the images in the source training set (the index yielded by
-                `protect_dataloader`); None means 0..N-1.
-
-        Returns:
-            Paths of the written files.
-        """
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- properties
     @property
@@ -351,59 +318,27 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def test_filter_name(self) -> str:
         return filter_name(self.test_filter)
 
-    def _require(self, split: tuple[torch.Tensor, torch.Tensor] | None, what: str):
+    @property
+    def train_labels(self) -> torch.Tensor:
+        """Labels of the training set in use (after the protected swap and the subset), int64 (N,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define train_labels")
+
+    @property
+    def test_labels(self) -> torch.Tensor:
+        """Labels of the test set in use (after the subset), int64 (N,)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define test_labels")
+
+    def _require(self, split: Any, what: str) -> Any:
         if split is None:
             raise RuntimeError(f"{what} is not loaded; call setup() first")
         return split
 
-    @property
-    def train_images(self) -> torch.Tensor:
-        """Training images as stored after subset and filter: uint8 (N, C, H, W)."""
-        return self._require(self._train, "the training set")[0]
-
-    @property
-    def train_labels(self) -> torch.Tensor:
-        """Training labels, int64 (N,)."""
-        return self._require(self._train, "the training set")[1]
-
-    @property
-    def test_images(self) -> torch.Tensor:
-        """Test images after subset and filter: uint8 (N, C, H, W)."""
-        return self._require(self._test, "the test set")[0]
-
-    @property
-    def test_labels(self) -> torch.Tensor:
-        """Test labels, int64 (N,)."""
-        return self._require(self._test, "the test set")[1]
-
-    # ----------------------------------------------------------------- setup
-    def _subset(
-        self, split: tuple[torch.Tensor, torch.Tensor], size: int | None
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        images, labels = split
+    # ----------------------------------------------------------------- shared steps
+    def _subset_indices(self, labels: torch.Tensor, size: int | None) -> torch.Tensor | None:
+        """The seeded class-stratified choice of `size` examples; None when all are kept."""
         if size is None or size >= len(labels):
-            return split, None
-        idx = stratified_subset_indices(labels, size, self.subset_seed)
-        return (images[idx], labels[idx]), idx
-
-    def _source_train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._source_train_cache is None:
-            self._source_train_cache = self._load_split("train")
-        return self._source_train_cache
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load (subset, filter) the test set, and the training set unless only evaluating."""
-        if self._test is None:
-            test, _ = self._subset(self._load_split("test"), self.test_subset)
-            self._test = (_apply_filter(test[0], self.test_filter), test[1])
-        if stage in (None, "fit") and self._train is None:
-            if self.protected_dir is not None:
-                self._verify_protected()
-                loaded = self._read_protected(self.protected_dir)
-            else:
-                loaded = self._source_train()
-            train, self.train_indices = self._subset(loaded, self.train_subset)
-            self._train = (_apply_filter(train[0], self.train_filter), train[1])
+            return None
+        return stratified_subset_indices(labels, size, self.subset_seed)
 
     def _verify_protected(self) -> None:
         """Check `protected_dir` against its manifest unless `verify_manifest` is false."""
@@ -412,90 +347,55 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
             verify_manifest(self.protected_dir)
 
-    # ----------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False):
-        sampler = EpochSeededSampler(len(dataset), _run_seed(self.subset_seed)) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            collate_fn=passthrough_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        if self._train is None:
-            self.setup("fit")
-        n = len(self.train_labels)
+    def _drop_last(self, num_train: int) -> bool:
         # Drop only a lone trailing example: BatchNorm cannot normalise a batch of one.
-        return self._loader(
-            TensorBatchDataset(*self._resident("train", self._train)), self.batch_size, True,
-            n % self.batch_size == 1,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        """The clean test set (unlearnable examples are judged by clean test accuracy)."""
-        if self._test is None:
-            self.setup("validate")
-        return self._loader(TensorBatchDataset(*self._resident("test", self._test)), self.eval_batch_size, False)
-
-    def _resident(self, name: str, split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split moved once to the trainer's GPU (see `resident_on_device`), else as is."""
-        trainer = getattr(self, "trainer", None)
-        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
-        if not self.resident_on_device or self.num_workers > 0 or device is None or device.type != "cuda":
-            return split
-        cached = self._on_device.get(name)
-        if cached is None or cached[0].device != device or len(cached[1]) != len(split[1]):
-            # why: uint8 is 4x smaller than float; the whole CIFAR training set is 150 MB.
-            cached = (split[0].to(device), split[1].to(device))
-            self._on_device[name] = cached
-        return cached
+        return num_train % self.batch_size == 1
 
     def test_dataloader(self) -> DataLoader:
-        """Same as `val_dataloader`."""
+        """Same as `val_dataloader` (unlearnable examples are judged by clean test accuracy)."""
         return self.val_dataloader()
 
-    def protect_dataloader(
-        self, batch_size: int | None = None, use_subset: bool = False
-    ) -> DataLoader:
+    # ----------------------------------------------------------------- export
+    def protect_dataloader(self, batch_size: int | None = None, use_subset: bool = False) -> DataLoader:
         """The clean source training set, unfiltered and un-augmented, in stored order.
 
-        Yields `(images uint8, labels, index)` with `index` the position in the full set, as
-        expected by `write_train_set`.
+        Yields `(images uint8, labels, index)` with `index` the position in the full source set,
+        as expected by `write_train_set`.
 
         Args:
             batch_size: Batch size; `eval_batch_size` when None.
             use_subset: Only the `train_subset` examples (same seeded choice) instead of all.
         """
-        images, labels = self._source_train()
-        dataset: Dataset = TensorBatchDataset(images, labels, return_index=True)
-        if use_subset and self.train_subset is not None and self.train_subset < len(labels):
-            idx = stratified_subset_indices(labels, self.train_subset, self.subset_seed)
-            dataset = torch.utils.data.Subset(dataset, idx.tolist())
-        return self._loader(dataset, batch_size or self.eval_batch_size, False)
+        raise NotImplementedError(f"{type(self).__name__} cannot be exported (no protect_dataloader)")
+
+    def write_train_set(
+        self,
+        out_dir: str | Path,
+        images_uint8: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor | None = None,
+    ) -> list[Path]:
+        """Export a (protected) training set in the dataset's own on-disk format.
+
+        Args:
+            out_dir: Destination; pass it as `protected_dir` to train on the copy.
+            images_uint8: uint8 images (N, C, H, W).
+            labels: int64 labels (N,).
+            indices: Positions of the images in the source training set (the index yielded by
+                `protect_dataloader`); None means 0..N-1.
+
+        Returns:
+            Paths of the written files.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be exported (no write_train_set)")
 
     # ----------------------------------------------------------------- device-side transforms
     def _device_transform(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        """Per-batch transform on the device after the uint8 -> float conversion."""
-        if training and self.augment:
-            return random_crop_flip(x, self.crop_padding, generator=self._augment_generator(x.device),
-                                    pad_mode=self.pad_mode)
+        """Per-batch transform on the device after the uint8 -> float conversion (none here)."""
         return x
 
-    def _augment_generator(self, device: torch.device) -> torch.Generator | None:
-        """A generator seeded by (run seed, epoch, global step): a resumed run draws the same crops."""
-        trainer = getattr(self, "trainer", None)
-        epoch, step = getattr(trainer, "current_epoch", None), getattr(trainer, "global_step", None)
-        if not isinstance(epoch, int) or not isinstance(step, int):
-            return None
-        seed = _run_seed(self.subset_seed) * 1_000_003 + epoch * 100_003 + step
-        return torch.Generator(device=device).manual_seed(seed % 2**63)
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """uint8 -> float32 in [0, 1] on the device, then augmentation of training batches.
+        """uint8 -> float32 in [0, 1] on the device, then `_device_transform`.
 
         Batches with an index (`protect_dataloader`) are only converted.
         """

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from fuse_lightning.data.base import ImageClassificationDataModule
 from fuse_lightning.data.cifar_format import (
     VARIANTS,
     DatasetFormatError,
@@ -16,6 +15,7 @@ from fuse_lightning.data.cifar_format import (
     read_cifar,
     write_cifar,
 )
+from fuse_lightning.data.resident import ResidentImageDataModule
 
 __all__ = ["CIFAR10DataModule", "CIFAR100DataModule"]
 
@@ -44,8 +44,9 @@ def _remove_new_paths(data_dir: Path, archive: str, dirname: str, before: set[Pa
             break
 
 
-class _CIFARDataModule(ImageClassificationDataModule):
-    """Shared CIFAR logic; `variant` selects the file layout."""
+class _CIFARDataModule(ResidentImageDataModule):
+    """Shared CIFAR logic (the python-version pickles, resident in memory); `variant` selects the
+    file layout."""
 
     variant: str = "cifar10"
     _image_shape = (3, 32, 32)
@@ -145,7 +146,7 @@ class CIFAR10DataModule(_CIFARDataModule):
     """CIFAR-10 (10 classes, 50000 train / 10000 test, 32x32) held in memory as uint8.
 
     Expects `<data_dir>/cifar-10-batches-py/` (python-version archive contents). See
-    `ImageClassificationDataModule` for the arguments.
+    `ResidentImageDataModule` for the arguments.
     """
 
     variant = "cifar10"
@@ -158,7 +159,7 @@ class CIFAR100DataModule(_CIFARDataModule):
     """CIFAR-100 (100 fine classes, 50000 train / 10000 test, 32x32) held in memory as uint8.
 
     Expects `<data_dir>/cifar-100-python/` (python-version archive contents). See
-    `ImageClassificationDataModule` for the arguments.
+    `ResidentImageDataModule` for the arguments.
     """
 
     variant = "cifar100"

@@ -18,11 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fuse_lightning.data.base import (
-    ImageClassificationDataModule,
-    filter_name,
-    stratified_subset_indices,
-)
+from fuse_lightning.data.base import ImageClassificationDataModule, filter_name
 from fuse_lightning.data.cifar_format import DatasetFormatError
 from fuse_lightning.filters import ImageFilter
 
@@ -201,7 +197,6 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             train_filter=train_filter,
             test_filter=test_filter,
             protected_dir=protected_dir,
-            download=False,
             num_workers=num_workers,
             verify_manifest=verify_manifest,
         )
@@ -253,10 +248,8 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         return torch.tensor([label for _, label in samples], dtype=torch.long)
 
     def _subset_samples(self, samples: list[tuple[Path, int]], size: int | None):
-        if size is None or size >= len(samples):
-            return samples
-        idx = stratified_subset_indices(self._labels(samples), size, self.subset_seed)
-        return [samples[i] for i in idx.tolist()]
+        idx = None if size is None else self._subset_indices(self._labels(samples), size)
+        return samples if idx is None else [samples[i] for i in idx.tolist()]
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str | None = None) -> None:
@@ -279,19 +272,13 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
 
     @property
     def train_labels(self) -> torch.Tensor:
+        """Labels of the training images in use, int64 (N,)."""
         return self._labels(self.train_samples)
 
     @property
-    def train_images(self) -> torch.Tensor:
-        raise RuntimeError("ImageNet images are not resident; iterate train_dataloader() instead")
-
-    @property
     def test_labels(self) -> torch.Tensor:
+        """Labels of the validation images in use, int64 (N,)."""
         return self._labels(self._require(self._test_samples, "the test set"))
-
-    @property
-    def test_images(self) -> torch.Tensor:
-        raise RuntimeError("ImageNet images are not resident; iterate val_dataloader() instead")
 
     # ----------------------------------------------------------------- loaders
     def _file_loader(
@@ -312,13 +299,11 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             self.setup("fit")
         size = self.image_size
         transform = train_transform(size) if self.augment else eval_transform(size)
-        n = len(self.train_samples)
-        # Drop only a lone trailing example: BatchNorm cannot normalise a batch of one.
         return self._file_loader(
             ImageFileDataset(self.train_samples, transform),
             self.batch_size,
             True,
-            n % self.batch_size == 1,
+            self._drop_last(len(self.train_samples)),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -344,10 +329,8 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         dataset: Dataset = ImageFileDataset(
             samples, eval_transform(self.image_size), return_index=True
         )
-        if use_subset and self.train_subset is not None and self.train_subset < len(samples):
-            idx = stratified_subset_indices(
-                self._labels(samples), self.train_subset, self.subset_seed
-            )
+        idx = self._subset_indices(self._labels(samples), self.train_subset) if use_subset else None
+        if idx is not None:
             dataset = torch.utils.data.Subset(dataset, idx.tolist())
         return self._file_loader(dataset, batch_size or self.eval_batch_size, False)
 
@@ -404,12 +387,6 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             write_png(image.contiguous(), str(target))
             written.append(target)
         return written
-
-    def _read_protected(self, directory: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError("ImageNet protected copies are read lazily as a PNG tree in setup()")
-
-    def _load_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        raise RuntimeError("ImageNet images are not resident")
 
     # ----------------------------------------------------------------- device-side transforms
     def _device_transform(self, x: torch.Tensor, training: bool) -> torch.Tensor:

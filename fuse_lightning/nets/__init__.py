@@ -1,7 +1,8 @@
-"""Plain ``nn.Module`` networks: classifiers and perturbation generators."""
+"""Plain ``nn.Module`` networks (classifiers, perturbation generators) and their training helpers."""
 
 from fuse_lightning.nets.classifiers import (
     CLASSIFIERS,
+    ClassifierName,
     FastNet,
     WideResNet,
     available_classifiers,
@@ -10,20 +11,25 @@ from fuse_lightning.nets.classifiers import (
 from fuse_lightning.nets.generators import (
     GENERATORS,
     EncoderDecoderGenerator,
+    GeneratorName,
     UNetGenerator,
     available_generators,
     build_generator,
 )
+from fuse_lightning.nets.schedules import cosine_with_warmup
 
 __all__ = [
     "CLASSIFIERS",
     "GENERATORS",
+    "ClassifierName",
     "EncoderDecoderGenerator",
     "FastNet",
+    "GeneratorName",
     "UNetGenerator",
     "WideResNet",
     "available_classifiers",
     "available_generators",
     "build_classifier",
     "build_generator",
+    "cosine_with_warmup",
 ]

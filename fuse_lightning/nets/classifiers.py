@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -428,6 +428,13 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
     "vit_small": build_vit_small,
     "fastnet": build_fastnet,
 }
+
+
+# The registry's names as a type: constructors that take an architecture name list them in
+# `--help` and the config parser refuses any other name (kept equal to CLASSIFIERS by a test).
+ClassifierName = Literal[
+    "densenet121", "fastnet", "mobilenet_v2", "resnet18", "resnet50", "vgg16_bn", "vit_small", "wrn16_4", "wrn28_10"
+]
 
 
 def available_classifiers() -> list[str]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse_lightning.nets.generators import build_generator
+from fuse_lightning.nets.generators import GeneratorName, build_generator
 
 
 class ConditionedGenerator(nn.Module):
@@ -30,7 +30,7 @@ class ConditionedGenerator(nn.Module):
 
     def __init__(
         self,
-        arch: str = "encdec",
+        arch: GeneratorName = "encdec",
         num_classes: int = 10,
         in_channels: int = 3,
         base_width: int = 32,

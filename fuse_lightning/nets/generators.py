@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +196,10 @@ GENERATORS: dict[str, Callable[..., nn.Module]] = {
     "encdec": _build_encdec,
     "unet": _build_unet,
 }
+
+
+# The registry's names as a type (kept equal to GENERATORS by a test).
+GeneratorName = Literal["encdec", "unet"]
 
 
 def available_generators() -> list[str]:
