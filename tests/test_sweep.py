@@ -40,7 +40,7 @@ methods:
     overrides: {method.init_args.eps: 4, data.init_args.train_subset: 500}
   gen:
     command: fit
-    configs: [configs/fuse_cifar10_cpu.yaml]
+    configs: [configs/fuse_cifar10.yaml, configs/fuse_cifar10_cpu.yaml]
     overrides: {model.init_args.rsm.enabled: false, model.init_args.rsm.width_range: [0.1, 0.2]}
 grid:
   method: [noise, clean]

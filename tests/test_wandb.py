@@ -92,7 +92,7 @@ def test_fuse_fit_logs_losses_images_config_and_artifact(tiny_cifar10, wandb_env
     """A 2-epoch FUSE fit with logger/wandb.yaml: losses, images, config, one protected-set artifact;
     `fuse protect --wandb_project` logs a second one; both fetch back on a "second machine"."""
     torch.manual_seed(0)
-    args = ["fit", "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"), "--config", str(CONFIGS / "logger" / "wandb.yaml"),
+    args = ["fit", "--config", str(CONFIGS / "fuse_cifar10.yaml"), "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"), "--config", str(CONFIGS / "logger" / "wandb.yaml"),
             *tiny_data_args(tiny_cifar10), "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2",
             "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
             "--trainer.default_root_dir", str(tmp_path / "runs" / "fuse"), "--trainer.enable_progress_bar", "false",
@@ -134,7 +134,7 @@ def test_fuse_fit_logs_losses_images_config_and_artifact(tiny_cifar10, wandb_env
     # `fuse protect` from the checkpoint, logged by its own short run.
     out = tmp_path / "exported"
     assert main(["protect", "--ckpt", str(run_dir / "checkpoints" / "last.ckpt"),
-                 "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"), *tiny_data_args(tiny_cifar10),
+                 "--config", str(CONFIGS / "fuse_cifar10.yaml"), "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"), *tiny_data_args(tiny_cifar10),
                  "--out", str(out), "--wandb_project", "fuse-test"]) == 0
     [protect_run] = read_runs(tmp_path / "wandb-runs")
     assert protect_run.project == "fuse-test" and protect_run.job_type == "protect"
@@ -285,7 +285,7 @@ def test_ddp_two_processes_log_one_run(tiny_cifar10, tmp_path):
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR", "WANDB_CONFIG_DIR"):
         env[var] = str(tmp_path / var.lower())
         Path(env[var]).mkdir()
-    cmd = [sys.executable, "-m", "fuse_lightning", "fit", "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"),
+    cmd = [sys.executable, "-m", "fuse_lightning", "fit", "--config", str(CONFIGS / "fuse_cifar10.yaml"), "--config", str(CONFIGS / "fuse_cifar10_cpu.yaml"),
            "--config", str(CONFIGS / "logger" / "wandb.yaml"), *tiny_data_args(tiny_cifar10),
            "--data.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
            "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu",
