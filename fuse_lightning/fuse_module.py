@@ -34,6 +34,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fuse_lightning import spectral
 from fuse_lightning.budget import eps_to_unit
+from fuse_lightning.colour import gray3, luma_chroma_delta
+from fuse_lightning.jpeg import diff_jpeg
 from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
 from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.conditioned import ConditionedGenerator
@@ -45,8 +47,6 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 
 # Radial bands in which the energy share of delta is logged (normalized radius; sqrt(2) = corner).
 LOG_BAND_EDGES = (0.0, 0.25, 0.5, 0.75, 1.0, math.sqrt(2) + 1e-6)
-# ITU-R 601 luma weights (what grayscale conversion and JPEG's Y channel keep).
-LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 
 @dataclass
@@ -67,6 +67,13 @@ class RSMConfig:
         mask_surrogate_inputs: Also train the surrogate on masked perturbations (half of each
             batch), so it learns the shortcut's features in every band and in luminance; the
             generator can then only keep its loss low with band-wise effective perturbations.
+        apply_to: Where the mask acts: "delta" (the RSM term sees `x + M(delta)`: the clean image
+            keeps every band) or "image" (it sees `M(x + delta)`, what a victim trained on
+            filtered data sees: the clean image loses the band and turns grey too).
+        jpeg_prob: Probability that a sample's masked input is also JPEG-compressed (a
+            differentiable JPEG, `jpeg.diff_jpeg`) at a quality drawn from `jpeg_quality_range`:
+            JPEG joins the masking family, so the shortcut must survive quantization. 0 disables.
+        jpeg_quality_range: Range of the JPEG quality (IJG scale, 1-100) drawn per sample.
     """
 
     enabled: bool = True
@@ -76,6 +83,9 @@ class RSMConfig:
     full_weight: float = 0.5
     luminance_prob: float = 0.5
     mask_surrogate_inputs: bool = False
+    apply_to: Literal["delta", "image"] = "delta"
+    jpeg_prob: float = 0.0
+    jpeg_quality_range: tuple[float, float] = (10.0, 50.0)
 
 
 @dataclass
@@ -129,6 +139,9 @@ class FUSEModule(L.LightningModule):
         rsm: Random Spectral Masking settings.
         cbg: Cross-Band Guidance settings.
         log_spectrum_every_n_steps: How often band energies and PSNR/SSIM of delta are logged.
+        luma_share: Fraction of the L-inf budget reserved for a grey (equal-in-every-channel)
+            component of delta, which grayscale conversion keeps exactly and JPEG keeps in its
+            full-resolution Y channel (`colour.luma_chroma_delta`); 0 is free RGB, 1 a grey delta.
     """
 
     def __init__(
@@ -155,6 +168,7 @@ class FUSEModule(L.LightningModule):
         rsm: RSMConfig | None = None,
         cbg: CBGConfig | None = None,
         log_spectrum_every_n_steps: int = 50,
+        luma_share: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("samplewise", "classwise"):
@@ -163,6 +177,8 @@ class FUSEModule(L.LightningModule):
             raise ValueError(f"model.scheduler must be 'none' or 'cosine', got {scheduler!r}")
         if not 0 < eps <= 255:
             raise ValueError(f"model.eps is in 0-255 units and must be in (0, 255], got {eps}")
+        if not 0.0 <= luma_share <= 1.0:
+            raise ValueError(f"model.luma_share must be in [0, 1], got {luma_share}")
         if surrogate_steps < 1:
             raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
         self.rsm = rsm or RSMConfig()
@@ -186,8 +202,8 @@ class FUSEModule(L.LightningModule):
 
     # ----------------------------------------------------------------- perturbation
     def perturbation(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """delta = eps * tanh(G(x, y)), so |delta|_inf <= eps by construction."""
-        return self.eps_unit * torch.tanh(self.generator(x, y))
+        """delta = eps * tanh(G(x, y)) (split into grey + free RGB by `luma_share`): |delta|_inf <= eps."""
+        return luma_chroma_delta(self.generator(x, y), self.eps_unit, self.hparams.luma_share)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Protected images x + delta, clamped to [0, 1]."""
@@ -235,10 +251,25 @@ class FUSEModule(L.LightningModule):
         keep = torch.rand(n, device=delta.device) >= self.rsm.prob
         masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
         if self.rsm.luminance_prob > 0 and delta.shape[1] == 3:
-            luma = (masked * LUMA.to(masked).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(masked)
             to_luma = torch.rand(n, device=delta.device) < self.rsm.luminance_prob
-            masked = torch.where(to_luma.view(-1, 1, 1, 1), luma, masked)
+            masked = torch.where(to_luma.view(-1, 1, 1, 1), gray3(masked), masked)
         return masked
+
+    def masked_input(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The input of the RSM term: `x + M(delta)` or `M(x + delta)` (`rsm.apply_to`), then
+        JPEG-compressed for a random `rsm.jpeg_prob` share of the samples."""
+        if self.rsm.apply_to == "image":
+            out = self.random_spectral_mask((x + delta).clamp(0, 1))
+        else:
+            out = x + self.random_spectral_mask(delta)
+        if self.rsm.jpeg_prob > 0 and x.shape[1] == 3:
+            n = x.shape[0]
+            lo, hi = self.rsm.jpeg_quality_range
+            quality = torch.empty(n, device=x.device).uniform_(lo, hi).round()
+            compressed = diff_jpeg(out.clamp(0, 1), quality)
+            use = torch.rand(n, device=x.device) < self.rsm.jpeg_prob
+            out = torch.where(use.view(-1, 1, 1, 1), compressed, out)
+        return out
 
     # ----------------------------------------------------------------- losses
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -251,7 +282,7 @@ class FUSEModule(L.LightningModule):
             inputs.append(x + delta)
             names.append("em")
         if self.rsm.enabled:
-            inputs.append(x + self.random_spectral_mask(delta))
+            inputs.append(self.masked_input(x, delta))
             names.append("rsm")
         if self.cbg.enabled:
             low, high = spectral.split_bands(delta, self.cbg.cutoff)

@@ -1,0 +1,83 @@
+"""Pure colour and JPEG functions: the grey share of delta, and the differentiable JPEG."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fuse_lightning.colour import gray3, luma, luma_chroma_delta
+from fuse_lightning.jpeg import diff_jpeg, quant_tables
+
+
+def natural_like(n: int = 16, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth random images with a few edges (JPEG behaves on them as on photos, unlike noise)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    img = torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False)
+    step = (torch.arange(size) > size // 2).float().view(1, 1, 1, -1)
+    img = img + 0.3 * step * torch.rand(n, 3, 1, 1, generator=g)
+    return (img + 0.02 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+
+
+def pil_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    out = []
+    for im in (x * 255).round().byte().permute(0, 2, 3, 1).numpy():
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality)
+        out.append(np.array(Image.open(buf).convert("RGB")))
+    return torch.tensor(np.stack(out)).permute(0, 3, 1, 2).float() / 255
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 1.0])
+def test_luma_chroma_delta_stays_in_budget(share):
+    raw = 10 * torch.randn(8, 3, 16, 16)
+    eps = 8 / 255
+    delta = luma_chroma_delta(raw, eps, share)
+    assert delta.abs().max() <= eps + 1e-7
+    assert delta.abs().max() > 0.9 * eps  # large logits saturate: the budget is usable
+
+
+def test_grey_delta_survives_grayscale_exactly():
+    x = torch.rand(4, 3, 8, 8)
+    delta = luma_chroma_delta(torch.randn(4, 3, 8, 8), 8 / 255, 1.0)
+    assert torch.allclose(delta[:, 0], delta[:, 1]) and torch.allclose(delta[:, 1], delta[:, 2])
+    assert torch.allclose(gray3(x + delta) - gray3(x), delta, atol=1e-6)
+    free = luma_chroma_delta(torch.randn(4, 3, 8, 8), 8 / 255, 0.0)
+    # free RGB: grayscale keeps only part of it
+    assert (luma(free).abs().mean() < 0.8 * free.abs().mean())
+
+
+def test_luma_share_out_of_range_is_rejected():
+    with pytest.raises(ValueError, match="luma_share"):
+        luma_chroma_delta(torch.zeros(1, 3, 4, 4), 0.03, 1.5)
+
+
+def test_quant_tables_follow_ijg_scaling():
+    luma_50, chroma_50 = quant_tables(torch.tensor([50.0]))
+    assert luma_50[0, 0, 0] == 16 and chroma_50[0, 0, 0] == 17  # quality 50 = the base tables
+    luma_10, _ = quant_tables(torch.tensor([10.0]))
+    assert luma_10[0, 0, 0] == 80  # scale 500 %
+
+
+@pytest.mark.parametrize("quality", [10, 50, 90])
+def test_diff_jpeg_matches_pil(quality):
+    x = natural_like()
+    ours, reference = diff_jpeg(x, quality), pil_jpeg(x, quality)
+    # Close to the real codec (integer rounding inside libjpeg is the main difference) ...
+    assert psnr(ours, reference) > 35
+    # ... and it loses what the codec loses: its error against the input is the codec's.
+    assert abs(psnr(ours, x) - psnr(reference, x)) < 0.5
+
+
+def test_diff_jpeg_passes_gradients_and_handles_odd_sizes():
+    x = natural_like(2, size=28).requires_grad_(True)
+    out = diff_jpeg(x, torch.tensor([10.0, 40.0]))
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
