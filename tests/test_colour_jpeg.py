@@ -81,3 +81,24 @@ def test_diff_jpeg_passes_gradients_and_handles_odd_sizes():
     assert out.shape == x.shape
     out.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_fuse_module_grey_delta_and_jpeg_in_the_masking_family():
+    """luma_share 1 gives grey deltas; RSM on the image with JPEG yields a finite loss whose
+    gradient reaches the generator."""
+    from fuse_lightning.fuse_module import FUSEModule, RSMConfig
+
+    torch.manual_seed(0)
+    model = FUSEModule(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8,
+                       luma_share=1.0, rsm=RSMConfig(apply_to="image", jpeg_prob=1.0))
+    x, y = natural_like(4), torch.arange(4)
+    delta = model.perturbation(x, y)
+    assert torch.allclose(delta[:, 0], delta[:, 2]) and delta.abs().max() <= 8 / 255 + 1e-7
+    masked = model.masked_input(x, delta)
+    assert masked.shape == x.shape and not torch.allclose(masked, x + delta)
+    model.surrogate.eval().requires_grad_(False)
+    terms = model.generator_losses(x, y)
+    assert torch.isfinite(terms["loss_generator"])
+    terms["loss_generator"].backward()
+    grads = [p.grad for p in model.generator.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
