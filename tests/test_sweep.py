@@ -594,6 +594,13 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
             with pytest.raises(SystemExit) as exit_info:
                 build_cli([*args, "--print_config"])
             assert exit_info.value.code in (0, None), cmd
+        elif args[0] == "protect":
+            # Its checkpoint is written by a `fit` method of the grid that is prepared before it.
+            ckpt = (REPO / args[args.index("--ckpt") + 1]).resolve()
+            order = [sweep.methods[m] for m in sweep.grid.method]
+            owner = next(i for i, m in enumerate(order) if m.method_dir and m.spec.command == "fit"
+                         and ckpt.is_relative_to(Path(m.method_dir).resolve()))
+            assert owner < next(i for i, m in enumerate(order) if m.spec.command == "protect"), cmd
         else:
             assert args[0] == "baseline", cmd
             baseline_parser().parse_args(args[1:])
