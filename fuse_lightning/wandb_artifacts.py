@@ -670,8 +670,6 @@ def fetch_protected_set(ref: str, dest: str | Path, *, project: str | None = Non
         FileNotFoundError: Offline, no artifact of that reference was logged on this machine.
         FileExistsError: `dest` exists and holds something else.
     """
-    from fuse_lightning.protect import commit_output_dir, prepare_output_dir
-
     wandb = _import_wandb()
     dest = Path(dest)
     if dest.is_dir() and not any(dest.iterdir()):
@@ -685,28 +683,23 @@ def fetch_protected_set(ref: str, dest: str | Path, *, project: str | None = Non
                 break
         if artifact is None:
             raise FileNotFoundError(f"artifact {ref}: the offline run that logged it is gone ({entry['run_file']})")
-        metadata = artifact.metadata
-        if dest.exists() and _same_set(dest, metadata):
-            return dest
-        final, tmp = prepare_output_dir(dest, overwrite=False)
-        try:
-            _materialize_offline(artifact, tmp)
-            _verify_fetched(tmp, metadata, ref)
-            commit_output_dir(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        return _fetch_into(dest, artifact.metadata, ref, lambda tmp: _materialize_offline(artifact, tmp))
     if active is not None:
         remote = active.use_artifact(ref if "/" in ref or project is None else f"{project}/{ref}", type=ARTIFACT_TYPE)
     else:
         remote = wandb.Api().artifact(ref if "/" in ref or project is None else f"{project}/{ref}", type=ARTIFACT_TYPE)
-    metadata = dict(remote.metadata or {})
+    return _fetch_into(dest, dict(remote.metadata or {}), ref, lambda tmp: remote.download(root=str(tmp)))
+
+
+def _fetch_into(dest: Path, metadata: dict[str, Any], ref: str, fill) -> Path:
+    """`dest` when it already holds the verified set; else `fill(tmp)`, verify, rename to `dest`."""
+    from fuse_lightning.protect import commit_output_dir, prepare_output_dir
+
     if dest.exists() and _same_set(dest, metadata):
         return dest
     final, tmp = prepare_output_dir(dest, overwrite=False)
     try:
-        remote.download(root=str(tmp))
+        fill(tmp)
         _verify_fetched(tmp, metadata, ref)
         commit_output_dir(tmp, final)
     except BaseException:
