@@ -2,7 +2,7 @@
 
 A result row is a dict as written by the sweep runner (`fuse_lightning.sweep`), with at least
 `method`, `arch`, `filter`, `seed` and `val_acc` (clean test accuracy of the final epoch, as a
-fraction). Only csv, numpy and matplotlib (Agg backend) are used for the files; filter names
+fraction). Only csv, numpy, scipy (Student's t) and matplotlib (Agg backend) are used; filter names
 are read with `fuse_lightning.filters.parse_filter_name` (imported when first needed). Every
 file is written to a temporary name and renamed, so an interrupted report never leaves a
 truncated file.
@@ -29,13 +29,16 @@ __all__ = [
     "band_of",
     "collect_results",
     "cutoff_of",
+    "differences_table",
     "markdown_table",
+    "paired_differences",
     "plot_acc_vs_cutoff",
     "plot_band_map",
     "read_results",
     "spec_of",
     "stopband_of",
     "write_csv",
+    "usual_seed_count",
     "write_report",
 ]
 
@@ -171,6 +174,7 @@ def markdown_table(
     """Accuracy table(s) in markdown: one row per method, one column per filter.
 
     Cells are "mean ± std" in percent over seeds, or the plain value when a cell has one seed;
+    a cell with another number of seeds than most cells (`usual_seed_count`) adds `(n=k)`;
     missing cells show "–". With several architectures and `arch=None`, one table per
     architecture is emitted under a `### <arch>` heading.
 
@@ -185,6 +189,7 @@ def markdown_table(
         Markdown text ending with a newline (empty string when there are no rows).
     """
     stats = aggregate(rows, key)
+    usual_n = usual_seed_count(rows, key)
     archs = [arch] if arch is not None else _ordered(r["arch"] for r in rows)
     methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
     filters = list(filters) if filters is not None else _ordered(r["filter"] for r in rows)
@@ -202,10 +207,90 @@ def markdown_table(
                     cells.append("–")
                     continue
                 mean, std, n = stats[(a, m, f)]
-                cells.append(f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}")
+                cell = f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+                cells.append(cell if n == usual_n else f"{cell} (n={n})")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+def usual_seed_count(rows: Sequence[dict[str, Any]], key: str = "val_acc") -> int:
+    """The most common number of seeds per (arch, method, filter) cell (0 without rows)."""
+    counts = [n for _, _, n in aggregate(rows, key).values()]
+    return max(set(counts), key=counts.count) if counts else 0
+
+
+def paired_differences(
+    rows: Sequence[dict[str, Any]], a: str, b: str, key: str = "val_acc", confidence: float = 0.95
+) -> dict[tuple[str, str], tuple[float, float, float, int]]:
+    """Method `a` minus method `b`, paired by victim seed, per (arch, filter), in points.
+
+    Pairs are runs of the two methods with the same architecture, filter and victim seed (the
+    same initialisation and data order, different training set). The interval is Student's t
+    on the paired differences: `mean ± t(1 - (1 - confidence)/2, n - 1) * sd / sqrt(n)`;
+    with one pair it is undefined (NaN).
+
+    Returns:
+        `{(arch, filter): (mean difference, low, high, number of pairs)}`.
+    """
+    from scipy import stats as st
+
+    value: dict[tuple[str, str, str, Any], float] = {}
+    for row in rows:
+        if row.get(key) not in (None, ""):
+            value[(row["method"], row["arch"], row["filter"], row["seed"])] = 100.0 * float(row[key])
+    diffs: dict[tuple[str, str], list[float]] = {}
+    for (method, arch, filt, seed), v in value.items():
+        if method == a and (b, arch, filt, seed) in value:
+            diffs.setdefault((arch, filt), []).append(v - value[(b, arch, filt, seed)])
+    out = {}
+    for k, d in diffs.items():
+        arr = np.asarray(d, dtype=np.float64)
+        mean, n = float(arr.mean()), len(arr)
+        if n > 1:
+            half = float(st.t.ppf(0.5 + confidence / 2, n - 1) * arr.std(ddof=1) / np.sqrt(n))
+        else:
+            half = float("nan")
+        out[k] = (mean, mean - half, mean + half, n)
+    return out
+
+
+def differences_table(
+    rows: Sequence[dict[str, Any]], pairs: Sequence[Sequence[str]], filters: Sequence[str] | None = None,
+    key: str = "val_acc",
+) -> str:
+    """Markdown: for each pair `[a, b]`, the paired difference a − b per filter with its 95 % CI.
+
+    One row per filter, one column per pair (and architecture, when there are several); a cell
+    is `mean [low, high] (n)` in points, `*` when the interval excludes 0. Empty string when no
+    pair has a matched run.
+    """
+    filters = list(filters) if filters is not None else _ordered(r["filter"] for r in rows)
+    archs = _ordered(r["arch"] for r in rows)
+    columns = []
+    for a, b in pairs:
+        diffs = paired_differences(rows, a, b, key)
+        for arch in archs:
+            if any((arch, f) in diffs for f in filters):
+                label = f"{a} − {b}" + (f" ({arch})" if len(archs) > 1 else "")
+                columns.append((label, {f: diffs.get((arch, f)) for f in filters}))
+    if not columns:
+        return ""
+    lines = ["| filter | " + " | ".join(label for label, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for f in filters:
+        cells = []
+        for _, by_filter in columns:
+            d = by_filter[f]
+            if d is None:
+                cells.append("–")
+            elif d[3] < 2:
+                cells.append(f"{d[0]:+.1f} (1)")
+            else:
+                star = "*" if d[1] > 0 or d[2] < 0 else ""
+                cells.append(f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star} ({d[3]})")
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def spec_of(filter_name: str) -> Any:
@@ -458,8 +543,9 @@ def write_report(
     methods: Sequence[str] | None = None,
     filters: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    pairs: Sequence[Sequence[str]] = (),
 ) -> dict[str, Path]:
-    """Write results.csv, table.md and the plots that apply into `results_dir`.
+    """Write results.csv, table.md (accuracies, then paired differences) and plots into `results_dir`.
 
     Plots: `acc_vs_cutoff.png` (low-pass filters), `band_map.png` (band-pass
     filters), `bandstop_map.png` (band-stop filters).
@@ -472,6 +558,7 @@ def write_report(
         methods: Row order of the tables.
         filters: Column order of the tables.
         log: Called with one line per written file.
+        pairs: `[a, b]` method pairs for the table of paired differences a − b (`differences_table`).
 
     Returns:
         `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map": path}` for the files
@@ -481,6 +568,10 @@ def write_report(
     written = {"csv": write_csv(rows, results_dir / "results.csv")}
     text = f"# {title}\n\n" + (f"{notes.strip()}\n\n" if notes.strip() else "")
     text += markdown_table(rows, methods=methods, filters=filters) if rows else "No finished runs yet.\n"
+    if rows and (diffs := differences_table(rows, pairs, filters)):
+        text += ("\n## Paired differences\n\nMethod a − method b in points of clean test accuracy, paired by "
+                 "victim seed (same architecture, filter and seed): mean [95 % CI, Student's t] (pairs); "
+                 "`*`: the interval excludes 0. Negative: a protects better.\n\n" + diffs)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

@@ -111,3 +111,32 @@ def test_cutoff_plot_draws_a_line_per_lowpass_family(tmp_path: Path, monkeypatch
     ideal = [r for r in tiny_rows() if r["filter"] in ("none", "lowpass-ideal-0.25", "lowpass-ideal-0.5")]
     assert R.plot_acc_vs_cutoff(ideal, tmp_path / "ideal.png") is not None
     assert len(drawn) == 2
+
+
+def test_paired_differences_match_a_hand_computed_t_interval():
+    # fuse - clean per seed: -50, -54, -58 points -> mean -54, sd 4, n 3, t(0.975, 2) = 4.3027
+    rows = []
+    for seed, (clean, fuse) in enumerate(((0.80, 0.30), (0.82, 0.28), (0.84, 0.26))):
+        rows += [{"method": "clean", "arch": "fastnet", "filter": "none", "seed": seed, "val_acc": clean},
+                 {"method": "fuse", "arch": "fastnet", "filter": "none", "seed": seed, "val_acc": fuse}]
+    rows.append({"method": "fuse", "arch": "fastnet", "filter": "none", "seed": 9, "val_acc": 0.1})  # unpaired
+    mean, low, high, n = R.paired_differences(rows, "fuse", "clean")[("fastnet", "none")]
+    half = 4.302653 * 4.0 / 3 ** 0.5
+    assert n == 3 and mean == pytest.approx(-54.0)
+    assert (low, high) == (pytest.approx(-54.0 - half, abs=1e-4), pytest.approx(-54.0 + half, abs=1e-4))
+    table = R.differences_table(rows, [["fuse", "clean"]])
+    assert table.splitlines()[0] == "| filter | fuse − clean |"
+    assert table.splitlines()[2] == "| none | -54.0 [-63.9, -44.1]* (3) |"
+    # an interval that contains 0 has no star; a single pair has no interval
+    noisy = [dict(r, val_acc=r["val_acc"] + (0.6 if r["method"] == "fuse" and r["seed"] == 0 else 0)) for r in rows]
+    assert "*" not in R.differences_table(noisy, [["fuse", "clean"]]).splitlines()[2]
+    assert R.differences_table(rows[:2], [["fuse", "clean"]]).splitlines()[2] == "| none | -50.0 (1) |"
+    assert R.differences_table(rows, [["fuse", "em"]]) == ""
+
+
+def test_table_marks_cells_with_an_unusual_seed_count(tmp_path: Path):
+    rows = tiny_rows()[:-1]  # the last cell (fuse, grayscale) loses a seed
+    lines = R.markdown_table(rows).splitlines()
+    assert lines[3].endswith("| 3.0 (n=1) |") and lines[2].endswith("| 64.0 ± 1.4 |")
+    text = R.write_report(rows, tmp_path, "t", pairs=[["fuse", "clean"]])["table"].read_text()
+    assert "## Paired differences" in text and "| none | -60.0" in text

@@ -159,6 +159,8 @@ def test_portable_commands_name_no_machine_paths(tmp_path: Path, monkeypatch):
         (lambda t: t.replace("  clean: {}", "  cl__ean: {}"), "'__'"),
         (lambda t: t.replace("name: t\n", ""), "name"),
         (lambda t: t.replace("name: t\n", "name: a b\n"), "name"),
+        (lambda t: t + "compare: [[noise, em]]\n", "compare"),
+        (lambda t: t + "compare: [[noise]]\n", "compare"),
     ],
 )
 def test_validation_errors_name_file_and_key(tmp_path: Path, edit, message: str):

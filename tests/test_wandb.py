@@ -1,7 +1,7 @@
 """W&B: live logging of FUSE and victim runs, protected sets as artifacts, offline resolution.
 
 Everything runs offline (`WANDB_MODE=offline`, every W&B directory under the test's tmp dir) and is
-checked by reading the offline run files (`fuse_lightning.wandb_artifacts.read_offline_run`).
+checked by reading the offline run files (`wandb_records.read_offline_run`, beside these tests).
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from fuse_lightning.manifest import ManifestError, verify_manifest
 
 wandb = pytest.importorskip("wandb")
 
+from wandb_records import OfflineRun, find_offline_runs, read_offline_run  # noqa: E402
+
 from fuse_lightning.wandb_artifacts import (  # noqa: E402
     ARTIFACT_TYPE,
-    OfflineRun,
     fetch_protected_set,
-    find_offline_runs,
     log_protected_set,
     offline_index_path,
-    read_offline_run,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +190,11 @@ def test_roundtrip_to_a_second_directory_and_corruption(tiny_cifar10, wandb_env,
     # W&B's staged copies (each log_artifact stages its own), recorded in the runs' files.
     staged = {rel: [Path(a.entries[rel]["local_path"]) for a in (artifact, again)] for rel in artifact.entries}
     assert all(p.is_file() and tmp_path / "wandb-data" in p.parents for copies in staged.values() for p in copies)
+    # The offline index holds what the run's artifact record holds: W&B's manifest and the metadata.
+    entry = json.loads(offline_index_path().read_text().splitlines()[0])
+    assert entry["metadata"] == artifact.metadata and entry["digest"] == artifact.digest
+    assert {rel: (e["digest"], e["size"], e["local_path"]) for rel, e in entry["entries"].items()} == {
+        rel: (e["digest"], e["size"], e["local_path"]) for rel, e in artifact.entries.items()}
 
     # The source is gone (another machine would not have it): fetch reads W&B's own copies.
     import shutil

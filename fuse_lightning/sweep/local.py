@@ -355,14 +355,16 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed since they "
             f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
     seeds = sorted({r["seed"] for r in rows})
-    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0] if seeds else '-'}"
+    usual_n = R.usual_seed_count(rows)
+    over = (f"mean ± std over n = {usual_n} of seeds {seeds} (cells with another n say so)" if len(seeds) > 1
+            else f"seed {seeds[0] if seeds else '-'}")
     notes = (sweep.spec.description.strip() + "\n\n" if sweep.spec.description else "") + (
         "Clean test accuracy (%) of victims trained on each method's training set after the attacker's "
         f"filter (columns), at the final epoch; {over}. {len(rows)} of {len(S.expand_grid(sweep))} runs finished"
         + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
         + f". Sweep file: `{S.portable([sweep.path])[0]}`.")
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
-                          filters=sweep.grid.filter, log=log)
+                          filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare)
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ class SweepSpec:
         keep_checkpoints: Keep victim checkpoints after a run (default: deleted).
         filter_test_set: Also apply each run's filter to the test set (band maps).
         wandb: W&B project and entity of `--backend wandb`.
+        compare: Method pairs `[a, b]` whose paired difference a − b (per filter, over victim
+            seeds, with a 95 % CI) goes into table.md.
     """
 
     name: str
@@ -124,6 +126,7 @@ class SweepSpec:
     keep_checkpoints: bool = False
     filter_test_set: bool = False
     wandb: WandbSpec = field(default_factory=WandbSpec)
+    compare: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,9 @@ def resolve(spec: SweepSpec, path: Path, stack: tuple[Path, ...] = ()) -> Sweep:
     sweep = Sweep(spec, path, methods)
     for key in GRID_KEYS:
         _check_grid(sweep, key, getattr(spec.grid, key))
+    for pair in spec.compare:
+        if len(pair) != 2 or any(m not in spec.grid.method for m in pair):
+            raise SweepError(f"{path}: compare: {pair!r} is not a pair of grid methods ({spec.grid.method})")
     return sweep
 
 
