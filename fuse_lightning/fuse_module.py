@@ -74,6 +74,13 @@ class RSMConfig:
             differentiable JPEG, `jpeg.diff_jpeg`) at a quality drawn from `jpeg_quality_range`:
             JPEG joins the masking family, so the shortcut must survive quantization. 0 disables.
         jpeg_quality_range: Range of the JPEG quality (IJG scale, 1-100) drawn per sample.
+        band_edges: Draw the removed band from this fixed partition of the radius axis instead
+            of `width_range`/`start_range` (one band per sample, uniformly; e.g. `[0, 0.25,
+            0.5, 0.75, 1.5]`: each quarter, the lowest one included, is removed for a quarter
+            of the samples). None: a random contiguous band.
+        worst_of: Draw this many candidate bands per sample and keep the one whose removal
+            leaves the surrogate's loss highest (a no-grad pass per candidate): the RSM term
+            then trains on the band delta depends on most. 1: one random band.
     """
 
     enabled: bool = True
@@ -86,6 +93,8 @@ class RSMConfig:
     apply_to: Literal["delta", "image"] = "delta"
     jpeg_prob: float = 0.0
     jpeg_quality_range: tuple[float, float] = (10.0, 50.0)
+    band_edges: list[float] | None = None
+    worst_of: int = 1
 
 
 @dataclass
@@ -183,6 +192,10 @@ class FUSEModule(L.LightningModule):
             raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
         self.rsm = rsm or RSMConfig()
         self.cbg = cbg or CBGConfig()
+        if self.rsm.worst_of < 1:
+            raise ValueError(f"model.rsm.worst_of must be >= 1, got {self.rsm.worst_of}")
+        if self.rsm.band_edges is not None:
+            spectral.sample_partition_band(1, self.rsm.band_edges)  # raises on bad edges, naming them
         self.save_hyperparameters(ignore=["surrogate_optimizer", "generator_optimizer", "rsm", "cbg"])
         self.hparams["rsm"] = asdict(self.rsm)
         self.hparams["cbg"] = asdict(self.cbg)
@@ -242,11 +255,38 @@ class FUSEModule(L.LightningModule):
         class_delta = sums / counts.clamp(min=1).view(-1, 1, 1, 1)
         return lambda x, y, idx: class_delta[y]
 
-    def random_spectral_mask(self, delta: torch.Tensor) -> torch.Tensor:
-        """RSM: remove one random contiguous radial band per sample (and, with probability
-        `rsm.luminance_prob`, keep only the luminance of what remains)."""
+    def sample_rsm_bands(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(start, width)` of one band per sample: from `rsm.band_edges`, else a random contiguous band."""
+        if self.rsm.band_edges is not None:
+            return spectral.sample_partition_band(n, self.rsm.band_edges, device=device)
+        return spectral.sample_band(n, self.rsm.width_range, self.rsm.start_range, device=device)
+
+    @torch.no_grad()
+    def worst_bands(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of `rsm.worst_of` candidate bands per sample, the one whose removal from delta leaves
+        the surrogate's cross-entropy on `x + M(delta)` highest."""
+        n = x.shape[0]
+        cands = [self.sample_rsm_bands(n, x.device) for _ in range(self.rsm.worst_of)]
+
+        def masked(start: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+            if self.rsm.apply_to == "image":
+                return spectral.remove_band((x + delta).clamp(0, 1), start, width)
+            return x + spectral.remove_band(delta, start, width)
+
+        losses = torch.stack([
+            F.cross_entropy(self.surrogate(masked(s, w).clamp(0, 1)), y, reduction="none") for s, w in cands
+        ])  # (k, n)
+        best = losses.argmax(0)
+        start = torch.stack([s for s, _ in cands]).gather(0, best[None])[0]
+        width = torch.stack([w for _, w in cands]).gather(0, best[None])[0]
+        return start, width
+
+    def random_spectral_mask(self, delta: torch.Tensor, bands: tuple[torch.Tensor, torch.Tensor] | None = None
+                             ) -> torch.Tensor:
+        """RSM: remove one radial band per sample (`bands`, default `sample_rsm_bands`; and, with
+        probability `rsm.luminance_prob`, keep only the luminance of what remains)."""
         n = delta.shape[0]
-        start, width = spectral.sample_band(n, self.rsm.width_range, self.rsm.start_range, device=delta.device)
+        start, width = bands if bands is not None else self.sample_rsm_bands(n, delta.device)
         masked = spectral.remove_band(delta, start, width)
         keep = torch.rand(n, device=delta.device) >= self.rsm.prob
         masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
@@ -255,13 +295,15 @@ class FUSEModule(L.LightningModule):
             masked = torch.where(to_luma.view(-1, 1, 1, 1), gray3(masked), masked)
         return masked
 
-    def masked_input(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    def masked_input(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The input of the RSM term: `x + M(delta)` or `M(x + delta)` (`rsm.apply_to`), then
-        JPEG-compressed for a random `rsm.jpeg_prob` share of the samples."""
+        JPEG-compressed for a random `rsm.jpeg_prob` share of the samples. With `rsm.worst_of`
+        > 1 (and labels `y`), M removes the worst of that many candidate bands (`worst_bands`)."""
+        bands = self.worst_bands(x, delta.detach(), y) if self.rsm.worst_of > 1 and y is not None else None
         if self.rsm.apply_to == "image":
-            out = self.random_spectral_mask((x + delta).clamp(0, 1))
+            out = self.random_spectral_mask((x + delta).clamp(0, 1), bands)
         else:
-            out = x + self.random_spectral_mask(delta)
+            out = x + self.random_spectral_mask(delta, bands)
         if self.rsm.jpeg_prob > 0 and x.shape[1] == 3:
             n = x.shape[0]
             lo, hi = self.rsm.jpeg_quality_range
@@ -282,7 +324,7 @@ class FUSEModule(L.LightningModule):
             inputs.append(x + delta)
             names.append("em")
         if self.rsm.enabled:
-            inputs.append(self.masked_input(x, delta))
+            inputs.append(self.masked_input(x, delta, y))
             names.append("rsm")
         if self.cbg.enabled:
             low, high = spectral.split_bands(delta, self.cbg.cutoff)

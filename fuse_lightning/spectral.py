@@ -488,6 +488,39 @@ def sample_band(
     return start.to(device), width.to(device)
 
 
+def sample_partition_band(
+    n: int,
+    edges: Sequence[float],
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw one band per sample from a fixed partition of the radius axis, uniformly.
+
+    Band ``i`` is ``[edges[i], edges[i+1])``. With edges ``(0, 0.25, 0.5, 0.75, 1.5)`` each
+    quarter of the spectrum (the last one with the corners) is removed for a quarter of the
+    samples: the bands an attacker's ``bandstop-ideal-a-b`` removes.
+
+    Args:
+        n: Number of samples.
+        edges: Increasing radii, at least two, the first ``>= 0``.
+        generator: Optional random generator (its device is used for sampling).
+        device: Device of the returned tensors.
+
+    Returns:
+        ``(start, width)``, two float32 tensors of shape ``(n,)`` for :func:`remove_band`.
+
+    Raises:
+        ValueError: If the edges are not increasing or start below 0.
+    """
+    e = [float(v) for v in edges]
+    if len(e) < 2 or e[0] < 0 or any(b <= a for a, b in zip(e[:-1], e[1:], strict=False)):
+        raise ValueError(f"band edges must be at least two increasing radii >= 0, got {list(edges)!r}")
+    gen_device = generator.device if generator is not None else device
+    pick = torch.randint(len(e) - 1, (n,), generator=generator, device=gen_device).to(device)
+    table = torch.tensor(e, dtype=torch.float32, device=device)
+    return table[pick], table[pick + 1] - table[pick]
+
+
 def _per_sample(v: float | Tensor, x: Tensor) -> float | Tensor:
     if isinstance(v, Tensor) and v.numel() > 1:
         # One radius per sample: (N,) -> (N, 1, 1, 1) to broadcast over channels and pixels.

@@ -102,3 +102,47 @@ def test_fuse_module_grey_delta_and_jpeg_in_the_masking_family():
     terms["loss_generator"].backward()
     grads = [p.grad for p in model.generator.parameters() if p.grad is not None]
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_worst_of_picks_the_band_whose_removal_hurts_the_surrogate_most(monkeypatch):
+    """With worst_of k, the RSM band of each sample is the candidate with the highest loss."""
+    from fuse_lightning import spectral
+    from fuse_lightning.fuse_module import FUSEModule, RSMConfig
+
+    torch.manual_seed(0)
+    edges = [0.0, 0.25, 0.5, 0.75, 1.5]
+    model = FUSEModule(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8,
+                       rsm=RSMConfig(band_edges=edges, worst_of=4))
+    x, y = natural_like(6), torch.arange(6)
+    # a linear surrogate whose loss clearly depends on which band of a strong delta is removed
+    model.surrogate = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10)).eval()
+    torch.nn.init.normal_(model.surrogate[1].weight, std=1.0)
+    model.surrogate.requires_grad_(False)
+    delta = (8 / 255) * torch.randn_like(x).sign()
+    start, width = model.worst_bands(x, delta, y)
+    import torch.nn.functional as F
+
+    def loss_without(lo, hi):
+        s, w = torch.full((6,), lo), torch.full((6,), hi - lo)
+        return F.cross_entropy(model.surrogate((x + spectral.remove_band(delta, s, w)).clamp(0, 1)), y,
+                               reduction="none")
+
+    all_losses = torch.stack([loss_without(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True)])
+    picked = torch.stack([loss_without(float(s), float(s + w))[i] for i, (s, w) in enumerate(zip(start, width, strict=True))])
+    assert set(start.tolist()) <= set(edges[:-1])
+    assert (all_losses.max(0).values - all_losses.min(0).values).min() > 0.01  # the bands do differ
+    # each pick is at least as bad as a random band would be on average, never above the true worst
+    assert torch.all(picked <= all_losses.max(0).values + 1e-5)
+    assert float(picked.mean()) > float(all_losses.mean())
+    # with many candidates every sample gets the true worst band
+    model.rsm.worst_of = 40
+    start, width = model.worst_bands(x, delta, y)
+    best = torch.tensor(edges[:-1])[all_losses.argmax(0)]
+    assert torch.equal(start, best)
+    model.rsm.luminance_prob = 0.0  # else some masked deltas are also reduced to their luma
+    masked_loss = F.cross_entropy(model.surrogate(model.masked_input(x, delta, y).clamp(0, 1)), y, reduction="none")
+    assert torch.allclose(masked_loss, all_losses.max(0).values, rtol=1e-4)  # the RSM input removes the worst band
+    with pytest.raises(ValueError, match="worst_of"):
+        FUSEModule(surrogate_arch="fastnet", rsm=RSMConfig(worst_of=0))
+    with pytest.raises(ValueError, match="band edges"):
+        FUSEModule(surrogate_arch="fastnet", rsm=RSMConfig(band_edges=[0.5, 0.25]))

@@ -286,3 +286,26 @@ def test_radial_power_spectrum_lowpassed():
     noise = torch.randn(8, 1, 32, 32, generator=g, dtype=torch.float64)
     _, pn = sp.radial_power_spectrum(noise)
     assert pn[2:].mean().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_sample_partition_band_draws_each_band_of_the_partition():
+    edges = (0.0, 0.25, 0.5, 0.75, 1.5)
+    gen = torch.Generator().manual_seed(0)
+    start, width = sp.sample_partition_band(4000, edges, generator=gen)
+    pairs = {(round(float(s), 6), round(float(s + w), 6)) for s, w in zip(start, width, strict=True)}
+    assert pairs == {(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.5)}
+    counts = torch.bincount((start * 4).round().long(), minlength=4).double() / 4000
+    assert torch.allclose(counts, torch.full((4,), 0.25, dtype=torch.float64), atol=0.03)
+    # removing the drawn band leaves exactly zero energy in it and keeps every other band
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    s, w = sp.sample_partition_band(8, edges, generator=gen)
+    out = sp.remove_band(x, s, w)
+    r = sp.radial_frequency(32, 32, dtype=torch.float64)
+    for i in range(8):
+        inside = (r >= s[i]) & (r < s[i] + w[i])
+        spec_out, spec_in = torch.fft.fft2(out[i]), torch.fft.fft2(x[i])
+        assert spec_out[:, inside].abs().max() < 1e-9
+        assert torch.allclose(spec_out[:, ~inside], spec_in[:, ~inside], atol=1e-9)
+    for bad in ((0.5,), (0.0, 0.5, 0.5), (-0.1, 0.5)):
+        with pytest.raises(ValueError, match="band edges"):
+            sp.sample_partition_band(2, bad)
