@@ -160,6 +160,7 @@ def test_portable_commands_name_no_machine_paths(tmp_path: Path, monkeypatch):
         (lambda t: t.replace("name: t\n", ""), "name"),
         (lambda t: t.replace("name: t\n", "name: a b\n"), "name"),
         (lambda t: t + "compare: [[noise, em]]\n", "compare"),
+        (lambda t: t + "compare: [[noise, clean, gen]]\n", "compare"),
         (lambda t: t + "compare: [[noise]]\n", "compare"),
     ],
 )
@@ -169,6 +170,12 @@ def test_validation_errors_name_file_and_key(tmp_path: Path, edit, message: str)
         S.load_sweep(path)
     assert str(path) in str(info.value)
     assert message in str(info.value)
+
+
+def test_compare_pairs_may_lie_outside_a_narrowed_grid(tmp_path: Path):
+    path = write_sweep(tmp_path, BASIC + "compare: [[noise, gen], [noise, clean]]\n")
+    sweep = S.load_sweep(path, ["--grid.method", "[noise]"])  # gen is defined, not in the grid
+    assert sweep.spec.compare == [["noise", "gen"], ["noise", "clean"]] and sweep.grid.method == ["noise"]
 
 
 def test_from_sweep_and_existing_protected_dir(tmp_path: Path):

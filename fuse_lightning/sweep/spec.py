@@ -240,9 +240,9 @@ def resolve(spec: SweepSpec, path: Path, stack: tuple[Path, ...] = ()) -> Sweep:
     sweep = Sweep(spec, path, methods)
     for key in GRID_KEYS:
         _check_grid(sweep, key, getattr(spec.grid, key))
-    for pair in spec.compare:
-        if len(pair) != 2 or any(m not in spec.grid.method for m in pair):
-            raise SweepError(f"{path}: compare: {pair!r} is not a pair of grid methods ({spec.grid.method})")
+    for pair in spec.compare:  # pairs outside a narrowed grid (--grid.method) simply have no rows
+        if len(pair) != 2 or any(m not in spec.methods for m in pair):
+            raise SweepError(f"{path}: compare: {pair!r} is not a pair of defined methods ({sorted(spec.methods)})")
     return sweep
 
 
