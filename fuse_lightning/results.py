@@ -571,7 +571,9 @@ def write_report(
     if rows and (diffs := differences_table(rows, pairs, filters)):
         text += ("\n## Paired differences\n\nMethod a − method b in points of clean test accuracy, paired by "
                  "victim seed (same architecture, filter and seed): mean [95 % CI, Student's t] (pairs); "
-                 "`*`: the interval excludes 0. Negative: a protects better.\n\n" + diffs)
+                 "`*`: the interval excludes 0. Negative: a protects better. The interval covers victim training "
+                 "noise for these protected sets only, not the variance of making a protected set again "
+                 "(another generator training).\n\n" + diffs)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

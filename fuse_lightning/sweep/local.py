@@ -356,8 +356,8 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
             f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
     seeds = sorted({r["seed"] for r in rows})
     usual_n = R.usual_seed_count(rows)
-    over = (f"mean ± std over n = {usual_n} of seeds {seeds} (cells with another n say so)" if len(seeds) > 1
-            else f"seed {seeds[0] if seeds else '-'}")
+    over = (f"victim seeds {seeds}, mean ± std where a cell has several; most cells have n = {usual_n}, "
+            "the others say (n=k)" if len(seeds) > 1 else f"seed {seeds[0] if seeds else '-'}")
     notes = (sweep.spec.description.strip() + "\n\n" if sweep.spec.description else "") + (
         "Clean test accuracy (%) of victims trained on each method's training set after the attacker's "
         f"filter (columns), at the final epoch; {over}. {len(rows)} of {len(S.expand_grid(sweep))} runs finished"
