@@ -189,7 +189,7 @@ def markdown_table(
         Markdown text ending with a newline (empty string when there are no rows).
     """
     stats = aggregate(rows, key)
-    usual_n = usual_seed_count(rows, key)
+    usual_n = _usual_count(stats)
     archs = [arch] if arch is not None else _ordered(r["arch"] for r in rows)
     methods = list(methods) if methods is not None else _ordered(r["method"] for r in rows)
     filters = list(filters) if filters is not None else _ordered(r["filter"] for r in rows)
@@ -216,7 +216,11 @@ def markdown_table(
 
 def usual_seed_count(rows: Sequence[dict[str, Any]], key: str = "val_acc") -> int:
     """The most common number of seeds per (arch, method, filter) cell (0 without rows)."""
-    counts = [n for _, _, n in aggregate(rows, key).values()]
+    return _usual_count(aggregate(rows, key))
+
+
+def _usual_count(stats: dict[tuple[str, str, str], tuple[float, float, int]]) -> int:
+    counts = [n for _, _, n in stats.values()]
     return max(set(counts), key=counts.count) if counts else 0
 
 

@@ -172,8 +172,8 @@ def _parse_ref(ref: str) -> tuple[str | None, str, str]:
     return project, parts[-1], tag or "latest"
 
 
-def _offline_candidates(ref: str, project: str | None) -> list[dict[str, Any]]:
-    """Index entries that `ref` names, newest first."""
+def _offline_entry(ref: str, project: str | None) -> dict[str, Any]:
+    """The newest index entry that `ref` names."""
     ref_project, name, tag = _parse_ref(ref)
     project = ref_project or project
     entries = [e for e in _read_index(offline_index_path()) if e["name"] == name]
@@ -198,7 +198,7 @@ def _offline_candidates(ref: str, project: str | None) -> list[dict[str, Any]]:
             f"no artifact {ref!r} was logged offline{where} (index {offline_index_path()}); "
             "offline, only artifacts logged on this machine with this WANDB_DATA_DIR resolve"
         )
-    return list(reversed(picked))  # newest first
+    return picked[-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def fetch_protected_set(ref: str, dest: str | Path, *, project: str | None = Non
         dest.rmdir()  # an empty directory made for the download: fill it
     active = run if run is not None else wandb.run
     if _is_offline(active):
-        entry = _offline_candidates(ref, project)[0]
+        entry = _offline_entry(ref, project)
         return _fetch_into(dest, entry["metadata"], ref, lambda tmp: _materialize_offline(entry["entries"], tmp))
     if active is not None:
         remote = active.use_artifact(ref if "/" in ref or project is None else f"{project}/{ref}", type=ARTIFACT_TYPE)
