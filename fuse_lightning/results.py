@@ -39,6 +39,7 @@ __all__ = [
     "stopband_of",
     "write_csv",
     "usual_seed_count",
+    "welch_difference",
     "write_report",
 ]
 
@@ -257,6 +258,35 @@ def paired_differences(
             half = float("nan")
         out[k] = (mean, mean - half, mean + half, n)
     return out
+
+
+def welch_difference(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """mean(a) − mean(b) with Welch's t interval, for independent samples (e.g. accuracies of
+    separately trained generators, which cannot be paired).
+
+    `half = t(1 - (1 - confidence)/2, dof) * sqrt(va/na + vb/nb)`, with the Welch–Satterthwaite
+    degrees of freedom; undefined (NaN bounds) unless both samples have ≥ 2 values.
+
+    Returns:
+        `(difference, low, high)` in the samples' units.
+    """
+    from scipy import stats as st
+
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.size == 0 or xb.size == 0:
+        raise ValueError("welch_difference needs at least one value in each sample")
+    diff = float(xa.mean() - xb.mean())
+    if xa.size < 2 or xb.size < 2:
+        return diff, float("nan"), float("nan")
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
+    se = float(np.sqrt(va + vb))
+    if se == 0.0:
+        return diff, diff, diff
+    dof = (va + vb) ** 2 / (va**2 / (xa.size - 1) + vb**2 / (xb.size - 1))
+    half = float(st.t.ppf(0.5 + confidence / 2, dof) * se)
+    return diff, diff - half, diff + half
 
 
 def differences_table(

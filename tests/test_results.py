@@ -140,3 +140,64 @@ def test_table_marks_cells_with_an_unusual_seed_count(tmp_path: Path):
     assert lines[3].endswith("| 3.0 (n=1) |") and lines[2].endswith("| 64.0 ± 1.4 |")
     text = R.write_report(rows, tmp_path, "t", pairs=[["fuse", "clean"]])["table"].read_text()
     assert "## Paired differences" in text and "| none | -60.0" in text
+
+
+def test_welch_difference_matches_scipys_unequal_variance_t_test():
+    from scipy import stats as st
+
+    a, b = [10.0, 12.0, 14.0], [20.0, 20.0, 26.0]  # means 12 and 22, variances 4 and 12
+    diff, low, high = R.welch_difference(a, b)
+    assert diff == pytest.approx(-10.0)
+    # Welch-Satterthwaite: se^2 = 4/3 + 12/3, dof = (16/3)^2 / ((4/3)^2/2 + 4^2/2) = 3.2
+    half = st.t.ppf(0.975, 3.2) * (16 / 3) ** 0.5
+    assert (low, high) == (pytest.approx(-10.0 - half), pytest.approx(-10.0 + half))
+    ci = st.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (low, high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert low < -10.0 < high < 0  # this difference is clearly below 0
+    # a single value per side: a difference without an interval
+    d1, l1, h1 = R.welch_difference([1.0], [3.0, 4.0])
+    assert d1 == pytest.approx(-2.5) and l1 != l1 and h1 != h1
+    with pytest.raises(ValueError, match="at least one value"):
+        R.welch_difference([], [1.0])
+
+
+def test_generator_variance_script_averages_over_generators_from_several_sweeps(tmp_path: Path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "generator_variance.py"
+    spec_ = importlib.util.spec_from_file_location("generator_variance", script)
+    gv = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(gv)
+
+    def row(method, filt, seed, acc):
+        return {"run_id": f"{method}-{filt}-{seed}", "method": method, "arch": "fastnet", "filter": filt,
+                "seed": seed, "val_acc": acc}
+
+    # sweep A holds generator 0 of both variants (with a second victim seed, which is ignored)
+    R.write_csv([row("fuse", "none", 0, 0.30), row("fuse", "none", 1, 0.90), row("plain", "none", 0, 0.10),
+                 row("fuse", "lp", 0, 0.20), row("plain", "lp", 0, 0.12)], tmp_path / "a.csv")
+    R.write_csv([row("fuse_g1", "none", 0, 0.34), row("fuse_g2", "none", 0, 0.32),
+                 row("plain_g1", "none", 0, 0.11), row("plain_g2", "none", 0, 0.12),
+                 row("fuse_g1", "lp", 0, 0.22)], tmp_path / "b.csv")
+    a, b = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "victim_seed: 0\nfilters: [none, lp]\nvariants:\n"
+        f"  fuse: [{{results: {a}, method: fuse}}, {{results: {b}, method: fuse_g1}}, {{results: {b}, method: fuse_g2}}]\n"
+        f"  plain: [{{results: {a}, method: plain}}, {{results: {b}, method: plain_g1}}, {{results: {b}, method: plain_g2}}]\n"
+        "compare: [[fuse, plain]]\n")
+    out = tmp_path / "gv.md"
+    gv.main([str(spec_path), "--out", str(out)])
+    lines = out.read_text().splitlines()
+    fuse = next(line for line in lines if line.startswith("| fuse |"))
+    # none: 30, 34, 32 -> 32.0 ± 2.0; lp: generators 0 and 1 only (20, 22), generator 2 has no run
+    assert "32.0 ± 2.0 (3) [30.0, 34.0, 32.0]" in fuse and "21.0 ± 1.4 (2) [20.0, 22.0, –]" in fuse
+    diff = next(line for line in lines if line.startswith("| none |") and "[" in line and "*" in line)
+    d, low, high = R.welch_difference([30, 34, 32], [10, 11, 12])
+    assert f"{d:+.1f} [{low:+.1f}, {high:+.1f}]*" in diff and d == pytest.approx(21.0)
+    # lp: plain has one generator there -> a difference without an interval
+    assert any(line.startswith("| lp |") and "(n=2,1)" in line for line in lines)
+    # a compare pair naming an unknown variant is refused, naming it
+    spec_path.write_text(spec_path.read_text().replace("[[fuse, plain]]", "[[fuse, nope]]"))
+    with pytest.raises(SystemExit, match="nope"):
+        gv.main([str(spec_path)])
