@@ -151,6 +151,14 @@ class FUSEModule(L.LightningModule):
         luma_share: Fraction of the L-inf budget reserved for a grey (equal-in-every-channel)
             component of delta, which grayscale conversion keeps exactly and JPEG keeps in its
             full-resolution Y channel (`colour.luma_chroma_delta`); 0 is free RGB, 1 a grey delta.
+        gray_weight: Weight of a grayscale term in the generator loss, `CE(f(gray(x + delta)), y)`:
+            the protected image converted to grayscale (what a grayscale attacker's victim
+            trains on) must be a shortcut by itself. 0 disables.
+        gray_surrogate_share: Share of each surrogate batch converted to grayscale before the
+            surrogate's update. why: a surrogate trained only on colour images learns the
+            cheapest code, chroma, and ignores grey patterns, so a grey term alone has nothing
+            to push against; a surrogate that also sees grayscale inputs is a proxy for the
+            grayscale attacker's victim. 0 disables.
     """
 
     def __init__(
@@ -178,6 +186,8 @@ class FUSEModule(L.LightningModule):
         cbg: CBGConfig | None = None,
         log_spectrum_every_n_steps: int = 50,
         luma_share: float = 0.0,
+        gray_weight: float = 0.0,
+        gray_surrogate_share: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("samplewise", "classwise"):
@@ -188,6 +198,10 @@ class FUSEModule(L.LightningModule):
             raise ValueError(f"model.eps is in 0-255 units and must be in (0, 255], got {eps}")
         if not 0.0 <= luma_share <= 1.0:
             raise ValueError(f"model.luma_share must be in [0, 1], got {luma_share}")
+        if gray_weight < 0:
+            raise ValueError(f"model.gray_weight must be >= 0, got {gray_weight}")
+        if not 0.0 <= gray_surrogate_share <= 1.0:
+            raise ValueError(f"model.gray_surrogate_share must be in [0, 1], got {gray_surrogate_share}")
         if surrogate_steps < 1:
             raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
         self.rsm = rsm or RSMConfig()
@@ -331,15 +345,20 @@ class FUSEModule(L.LightningModule):
             inputs += [x + low, x + high]
             names += ["low", "high"]
             terms["loss_high_energy"] = relative_energy(high, self.eps_unit)
+        if self.hparams.gray_weight > 0 and x.shape[1] == 3:
+            inputs.append(gray3((x + delta).clamp(0, 1)))
+            names.append("gray")
         # One surrogate pass over all variants: cheaper than several small ones.
         logits = self.surrogate(torch.cat(inputs).clamp(0, 1)).split(x.shape[0])
         by_name = dict(zip(names, logits, strict=True))
-        for name in ("em", "rsm", "low", "high"):
+        for name in ("em", "rsm", "low", "high", "gray"):
             if name in by_name:
                 terms[f"loss_{name}"] = F.cross_entropy(by_name[name], y)
         if self.cbg.enabled:
             terms["loss_consistency"] = symmetric_kl_guidance(by_name["low"], by_name["high"], self.cbg.temperature)
         total = full_weight * terms.get("loss_em", 0.0) + terms.get("loss_rsm", 0.0)
+        if "loss_gray" in terms:
+            total = total + self.hparams.gray_weight * terms["loss_gray"]
         if self.cbg.enabled:
             total = (
                 total
@@ -352,6 +371,23 @@ class FUSEModule(L.LightningModule):
         return terms
 
     # ----------------------------------------------------------------- training
+    @torch.no_grad()
+    def surrogate_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """What the surrogate trains on: `x + delta` (detached), clamped to [0, 1]; with
+        `rsm.mask_surrogate_inputs` the second half of the batch has masked deltas, and with
+        `gray_surrogate_share` the last share of the batch is converted to grayscale."""
+        delta = self.perturbation(x, y)
+        if self.rsm.enabled and self.rsm.mask_surrogate_inputs:
+            # Half the batch sees masked perturbations, so the surrogate also learns the
+            # shortcut's features in every band (and in luminance), not only the full delta.
+            half = x.shape[0] // 2
+            delta = torch.cat([delta[:half], self.random_spectral_mask(delta[half:])])
+        protected = (x + delta).clamp(0, 1)
+        n_gray = round(self.hparams.gray_surrogate_share * x.shape[0]) if x.shape[1] == 3 else 0
+        if n_gray > 0:
+            protected = torch.cat([protected[: x.shape[0] - n_gray], gray3(protected[x.shape[0] - n_gray:])])
+        return protected
+
     # ----------------------------------------------------------------- multi-process training
     def _no_ddp_sync(self):
         """Turn off DDP's own gradient reduction for one backward pass.
@@ -386,14 +422,7 @@ class FUSEModule(L.LightningModule):
 
         # 1) surrogate: k steps on the current (detached) perturbation
         self.surrogate.train()
-        with torch.no_grad():
-            delta = self.perturbation(x, y)
-            if self.rsm.enabled and self.rsm.mask_surrogate_inputs:
-                # Half the batch sees masked perturbations, so the surrogate also learns the
-                # shortcut's features in every band (and in luminance), not only the full delta.
-                half = x.shape[0] // 2
-                delta = torch.cat([delta[:half], self.random_spectral_mask(delta[half:])])
-        protected = (x + delta).clamp(0, 1)
+        protected = self.surrogate_inputs(x, y)
         for _ in range(self.hparams.surrogate_steps):
             logits = self.surrogate(protected)
             loss_f = F.cross_entropy(logits, y)

@@ -146,3 +146,37 @@ def test_worst_of_picks_the_band_whose_removal_hurts_the_surrogate_most(monkeypa
         FUSEModule(surrogate_arch="fastnet", rsm=RSMConfig(worst_of=0))
     with pytest.raises(ValueError, match="band edges"):
         FUSEModule(surrogate_arch="fastnet", rsm=RSMConfig(band_edges=[0.5, 0.25]))
+
+
+def test_grayscale_player_term_and_surrogate_share():
+    """gray_weight adds CE(f(gray(x + delta)), y) to the generator loss; gray_surrogate_share
+    turns that share of the surrogate's batch grey and leaves the rest as x + delta."""
+    import torch.nn.functional as F
+
+    from fuse_lightning.colour import gray3
+    from fuse_lightning.fuse_module import CBGConfig, FUSEModule, RSMConfig
+
+    torch.manual_seed(0)
+    kw = dict(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8,
+              rsm=RSMConfig(enabled=False), cbg=CBGConfig(enabled=False))
+    model = FUSEModule(gray_weight=2.0, gray_surrogate_share=0.25, **kw)
+    x, y = natural_like(8), torch.arange(8) % 10
+    model.surrogate.eval().requires_grad_(False)
+    terms = model.generator_losses(x, y)
+    delta = model.perturbation(x, y)
+    expected_gray = F.cross_entropy(model.surrogate(gray3((x + delta).clamp(0, 1))), y)
+    assert float(terms["loss_gray"]) == pytest.approx(float(expected_gray), rel=1e-5)
+    assert float(terms["loss_generator"]) == pytest.approx(float(terms["loss_em"] + 2.0 * expected_gray), rel=1e-5)
+    terms["loss_generator"].backward()
+    assert sum(float(p.grad.abs().sum()) for p in model.generator.parameters() if p.grad is not None) > 0
+    # without the option there is no grey term
+    assert "loss_gray" not in FUSEModule(**kw).generator_losses(x, y)
+
+    seen = model.surrogate_inputs(x, y)
+    protected = (x + delta.detach()).clamp(0, 1)
+    assert torch.allclose(seen[:6], protected[:6])  # 8 * 0.25 = 2 grey images at the end
+    assert torch.allclose(seen[6:], gray3(protected[6:]))
+    assert not torch.allclose(seen[6:], protected[6:])
+    for bad in ({"gray_weight": -1.0}, {"gray_surrogate_share": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FUSEModule(**bad, **kw)
