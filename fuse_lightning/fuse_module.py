@@ -295,29 +295,36 @@ class FUSEModule(L.LightningModule):
         width = torch.stack([w for _, w in cands]).gather(0, best[None])[0]
         return start, width
 
-    def random_spectral_mask(self, delta: torch.Tensor, bands: tuple[torch.Tensor, torch.Tensor] | None = None
-                             ) -> torch.Tensor:
-        """RSM: remove one radial band per sample (`bands`, default `sample_rsm_bands`; and, with
-        probability `rsm.luminance_prob`, keep only the luminance of what remains)."""
+    def sample_luma_choice(self, n: int, device: torch.device) -> torch.Tensor:
+        """Which of `n` samples RSM also reduces to luminance (`rsm.luminance_prob`), as a bool mask."""
+        return torch.rand(n, device=device) < self.rsm.luminance_prob
+
+    def random_spectral_mask(self, delta: torch.Tensor, bands: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             to_luma: torch.Tensor | None = None) -> torch.Tensor:
+        """RSM: remove one radial band per sample (`bands`, default `sample_rsm_bands`; and, for
+        the samples in `to_luma`, default `sample_luma_choice`, keep only the luminance of what
+        remains)."""
         n = delta.shape[0]
         start, width = bands if bands is not None else self.sample_rsm_bands(n, delta.device)
         masked = spectral.remove_band(delta, start, width)
         keep = torch.rand(n, device=delta.device) >= self.rsm.prob
         masked = torch.where(keep.view(-1, 1, 1, 1), delta, masked)
         if self.rsm.luminance_prob > 0 and delta.shape[1] == 3:
-            to_luma = torch.rand(n, device=delta.device) < self.rsm.luminance_prob
+            to_luma = to_luma if to_luma is not None else self.sample_luma_choice(n, delta.device)
             masked = torch.where(to_luma.view(-1, 1, 1, 1), gray3(masked), masked)
         return masked
 
-    def masked_input(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def masked_input(self, x: torch.Tensor, delta: torch.Tensor, y: torch.Tensor | None = None,
+                     to_luma: torch.Tensor | None = None) -> torch.Tensor:
         """The input of the RSM term: `x + M(delta)` or `M(x + delta)` (`rsm.apply_to`), then
         JPEG-compressed for a random `rsm.jpeg_prob` share of the samples. With `rsm.worst_of`
-        > 1 (and labels `y`), M removes the worst of that many candidate bands (`worst_bands`)."""
+        > 1 (and labels `y`), M removes the worst of that many candidate bands (`worst_bands`).
+        `to_luma`: which samples M also reduces to luminance (default: drawn, `sample_luma_choice`)."""
         bands = self.worst_bands(x, delta.detach(), y) if self.rsm.worst_of > 1 and y is not None else None
         if self.rsm.apply_to == "image":
-            out = self.random_spectral_mask((x + delta).clamp(0, 1), bands)
+            out = self.random_spectral_mask((x + delta).clamp(0, 1), bands, to_luma)
         else:
-            out = x + self.random_spectral_mask(delta, bands)
+            out = x + self.random_spectral_mask(delta, bands, to_luma)
         if self.rsm.jpeg_prob > 0 and x.shape[1] == 3:
             n = x.shape[0]
             lo, hi = self.rsm.jpeg_quality_range
@@ -337,8 +344,10 @@ class FUSEModule(L.LightningModule):
         if full_weight > 0:
             inputs.append(x + delta)
             names.append("em")
+        to_luma = None
         if self.rsm.enabled:
-            inputs.append(self.masked_input(x, delta, y))
+            to_luma = self.sample_luma_choice(x.shape[0], x.device)
+            inputs.append(self.masked_input(x, delta, y, to_luma))
             names.append("rsm")
         if self.cbg.enabled:
             low, high = spectral.split_bands(delta, self.cbg.cutoff)
@@ -354,6 +363,13 @@ class FUSEModule(L.LightningModule):
         for name in ("em", "rsm", "low", "high", "gray"):
             if name in by_name:
                 terms[f"loss_{name}"] = F.cross_entropy(by_name[name], y)
+        if "rsm" in by_name and self.rsm.luminance_prob > 0 and x.shape[1] == 3:
+            # Diagnostics, not in the total: the RSM term on the samples reduced to luminance and
+            # on the others (which part of the masking family the shortcut does not survive).
+            per_sample = F.cross_entropy(by_name["rsm"].detach(), y, reduction="none")
+            for name, chosen in (("loss_rsm_luma", to_luma), ("loss_rsm_colour", ~to_luma)):
+                if chosen.any():
+                    terms[name] = per_sample[chosen].mean()
         if self.cbg.enabled:
             terms["loss_consistency"] = symmetric_kl_guidance(by_name["low"], by_name["high"], self.cbg.temperature)
         total = full_weight * terms.get("loss_em", 0.0) + terms.get("loss_rsm", 0.0)

@@ -180,3 +180,36 @@ def test_grayscale_player_term_and_surrogate_share():
     for bad in ({"gray_weight": -1.0}, {"gray_surrogate_share": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FUSEModule(**bad, **kw)
+
+
+def test_rsm_term_is_split_into_its_luminance_and_colour_samples():
+    """loss_rsm_luma / loss_rsm_colour are the RSM term's mean over the samples reduced to
+    luminance and over the others; weighted by their counts they give back loss_rsm."""
+    from fuse_lightning.fuse_module import FUSEModule, RSMConfig
+
+    torch.manual_seed(0)
+    model = FUSEModule(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8,
+                       rsm=RSMConfig(luminance_prob=0.5))
+    x, y = natural_like(16), torch.arange(16) % 10
+    # a surrogate that reads colour (random linear weights per channel), unlike a fresh fastnet
+    model.surrogate = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(x[0].numel(), 10)).eval()
+    torch.nn.init.normal_(model.surrogate[1].weight, std=1.0)
+    model.surrogate.requires_grad_(False)
+    chosen = torch.tensor([True, False] * 8)
+    model.sample_luma_choice = lambda n, device: chosen  # fix which samples go grey
+    terms = model.generator_losses(x, y)
+    n_luma = int(chosen.sum())
+    mixed = (n_luma * terms["loss_rsm_luma"] + (16 - n_luma) * terms["loss_rsm_colour"]) / 16
+    assert float(mixed) == pytest.approx(float(terms["loss_rsm"]), rel=1e-5)
+    assert abs(float(terms["loss_rsm_luma"]) - float(terms["loss_rsm_colour"])) > 0.1
+    # the luma samples really were grey: their masked delta is equal in every channel
+    delta = model.perturbation(x, y)
+    torch.manual_seed(1)
+    masked = model.masked_input(x, delta, y, chosen) - x
+    assert torch.allclose(masked[chosen][:, 0], masked[chosen][:, 1], atol=1e-6)
+    assert not torch.allclose(masked[~chosen][:, 0], masked[~chosen][:, 1], atol=1e-6)
+    # without colour masking there is nothing to split
+    model = FUSEModule(surrogate_arch="fastnet", surrogate_kwargs={"width": 0.25}, generator_width=8,
+                       rsm=RSMConfig(luminance_prob=0.0))
+    model.surrogate.eval().requires_grad_(False)
+    assert "loss_rsm_luma" not in model.generator_losses(x, y)
