@@ -757,3 +757,25 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
     assert not (runs[2].run_dir / "child.pid").exists()  # the queued run never started
     # The stop is over: the next sweep in this process starts children again.
     assert L.execute([sys.executable, "-c", "pass"], runs[2].run_dir / "after.log") == 0
+
+
+def test_a_narrowed_pass_reports_the_files_whole_grid(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    """`--grid.method [clean]` runs only clean's victims, but the report keeps every finished
+    run of the file's grid (and adds points the command line brings in, e.g. a new seed)."""
+    monkeypatch.chdir(tmp_path)
+    L.run_victims(basic, S.expand_grid(basic), "/d", executor=FakeExecutor(), log=lambda s: None)
+    narrowed = S.load_sweep(basic.path, ["--grid.method", "[clean]", "--grid.seed", "[0, 7]"])
+    report = S.with_grid(narrowed, S.union_grid(basic.grid, narrowed.grid))
+    assert report.grid.method == ["noise", "clean"] and report.grid.seed == [0, 1, 7]
+    assert report.grid.arch == ["fastnet", "resnet18"] and narrowed.grid.method == ["clean"]
+    executor = FakeExecutor()
+    assert L.run_local(narrowed, "/d", executor=executor, report=report) == 0
+    assert {value(c, "--seed_everything") for c in executor.calls} == {"7"}  # only the new seed ran
+    ids = [line.split(",")[0] for line in (tmp_path / "results" / "results.csv").read_text().splitlines()[1:]]
+    assert sum(i.startswith("noise__") for i in ids) == 8
+    assert sum(i.startswith("clean__") for i in ids) == 12  # 2 archs x 2 filters x 3 seeds
+    # --report_only through the CLI: the same whole-grid report, whatever the narrowing
+    (tmp_path / "results" / "results.csv").unlink()
+    assert SW.main([str(basic.path), "--report_only", "--grid.method", "[clean]", "--data_dir", "/d"]) == 0
+    ids = [line.split(",")[0] for line in (tmp_path / "results" / "results.csv").read_text().splitlines()[1:]]
+    assert sum(i.startswith("noise__") for i in ids) == 8

@@ -383,8 +383,9 @@ def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = F
 
 
 def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, only_prepare: bool = False,
-              max_runs: int | None = None, executor: Executor = execute) -> int:
-    """Prepare the methods, run the pending victims, write the report; 1 if anything failed."""
+              max_runs: int | None = None, executor: Executor = execute, report: Sweep | None = None) -> int:
+    """Prepare the methods, run the pending victims, write the report (of `report`, default
+    `sweep`: e.g. the file's whole grid when `sweep` is a narrowed pass); 1 if anything failed."""
     if dry_run:
         print_plan(sweep, data_dir, only_prepare)
         return 0
@@ -398,13 +399,14 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
     print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
           + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
     summary = run_victims(sweep, runnable, data_dir, gpus, max_runs, executor)
-    return finish(sweep, data_dir, summary, failed_methods, len(runs) - len(runnable))
+    return finish(sweep, data_dir, summary, failed_methods, len(runs) - len(runnable), report)
 
 
 def finish(sweep: Sweep, data_dir: str | os.PathLike, summary: RunSummary, failed_methods: Sequence[str] = (),
-           blocked: int = 0) -> int:
-    """Write the report, print the table and a summary of every failure; the exit status."""
-    write_sweep_report(sweep, data_dir=data_dir)
+           blocked: int = 0, report: Sweep | None = None) -> int:
+    """Write the report (of `report`, default `sweep`), print the table and a summary of every
+    failure; the exit status."""
+    write_sweep_report(report or sweep, data_dir=data_dir)
     if (table := sweep.results_dir / "table.md").is_file():
         print(table.read_text())
     problems = [f"prepare failed: {m} (log {sweep.methods[m].method_dir}/prepare.log)" for m in failed_methods]

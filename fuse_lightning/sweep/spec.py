@@ -16,7 +16,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +186,16 @@ class Run:
     run_id: str
     run_dir: Path
     result_path: Path
+
+
+def union_grid(*grids: GridSpec) -> GridSpec:
+    """Per axis, the values of the first grid, then the new values of the next ones, in order."""
+    return GridSpec(**{k: list(dict.fromkeys(v for g in grids for v in getattr(g, k))) for k in GRID_KEYS})
+
+
+def with_grid(sweep: Sweep, grid: GridSpec) -> Sweep:
+    """The same sweep over another grid (its methods must be defined in the sweep)."""
+    return Sweep(replace(sweep.spec, grid=grid), sweep.path, sweep.methods)
 
 
 # --------------------------------------------------------------------------------------------
