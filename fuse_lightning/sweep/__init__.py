@@ -29,6 +29,7 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from fuse_lightning.sweep.local import run_local, stop_children_on_exit, write_sweep_report
 from fuse_lightning.sweep.spec import (
+    Sweep,
     SweepError,
     load_sweep,
     missing_files,
@@ -96,24 +97,27 @@ sweep_main = main
 def _run(parser: ArgumentParser, cfg: Namespace) -> int:
     path = Path(str(cfg.config[-1])) if cfg.get("config") else Path("<command line>")
     sweep = resolve(spec_from(parser, cfg), path)
-    # The report covers the file's whole grid plus any points added on the command line, so a
-    # pass narrowed with --grid.method/--grid.seed/... never shrinks the committed report.
-    try:
-        file_grid = load_sweep(path).grid if path.is_file() else sweep.grid
-    except SweepError:  # the file is valid only with the command line's overrides
-        file_grid = sweep.grid
-    report = with_grid(sweep, union_grid(file_grid, sweep.grid))
     backend = None
     if cfg.backend == "wandb":
         from fuse_lightning.sweep import wandb_backend as backend
     if cfg.report_only and backend:
         return backend.report(sweep, cfg.data_dir)
     if cfg.report_only:
-        write_sweep_report(report, data_dir=cfg.data_dir)
+        write_sweep_report(_whole_grid(sweep), data_dir=cfg.data_dir)
         return 0
     data_dir = cfg.data_dir or os.environ.get("FUSE_DATA_DIR", "data")
     if missing := missing_files(sweep):
         raise SweepError(f"{sweep.path}: config file(s) not found: {missing}")
     if backend:
         return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run)
-    return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=report)
+    return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep))
+
+
+def _whole_grid(sweep: Sweep) -> Sweep:
+    """The sweep over its file's whole grid plus any points the command line added, so that a
+    pass narrowed with --grid.method/--grid.seed/... never shrinks the committed report."""
+    try:
+        file_grid = load_sweep(sweep.path).grid if sweep.path.is_file() else sweep.grid
+    except SweepError:  # the file is valid only with the command line's overrides
+        file_grid = sweep.grid
+    return with_grid(sweep, union_grid(file_grid, sweep.grid))
