@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
+from fuse_lightning.allocator import keep_freed_memory
+
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
@@ -300,13 +302,13 @@ def run_item(name: str, device: torch.device, batch: int, steps: int, precision:
     return out
 
 
-def spawn_item(name: str, args: Namespace) -> dict[str, Any]:
-    """Run one item in a fresh process and return its JSON line."""
+def spawn_item(name: str, args: Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one item in a fresh process (with extra environment `env`) and return its JSON line."""
     cmd = [sys.executable, "-m", "fuse_lightning.bench", "--item", name, "--device", args.device,
            "--batch", str(args.batch), "--steps", str(args.steps)]
     if args.precision:
         cmd += ["--precision", args.precision]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -368,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if args.item:
+        keep_freed_memory()  # as the CLI does; FUSE_MALLOC_TUNING=off measures the default
         print(json.dumps(run_item(args.item, device, args.batch, args.steps, args.precision)))
         return 0
 
@@ -376,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.precision or 'fp32'}, torch {torch.__version__}", flush=True)
     items = {name: spawn_item(name, args) for name in
              ("victim_plain", "victim_lightning", "fuse_plain", "fuse_lightning", "protect")}
+    # The same FUSE loop with glibc's default allocator settings (fuse_lightning/allocator.py).
+    items["fuse_plain_default_malloc"] = spawn_item("fuse_plain", args, {"FUSE_MALLOC_TUNING": "off"})
     report: dict[str, Any] = {"device": str(device), "device_name": where, "batch": args.batch,
                               "precision": args.precision or "fp32", "torch": torch.__version__, "items": items}
     ratios = {}
@@ -385,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if "img_per_s" in items["fuse_plain"] and "img_per_s" in items["fuse_lightning"]:
         ratios["FUSE: Lightning overhead vs plain loop"] = (
             items["fuse_plain"]["img_per_s"] / items["fuse_lightning"]["img_per_s"] - 1)
+    if "img_per_s" in items["fuse_plain"] and "img_per_s" in items["fuse_plain_default_malloc"]:
+        ratios["FUSE: speed-up from keeping freed memory (allocator.py)"] = (
+            items["fuse_plain"]["img_per_s"] / items["fuse_plain_default_malloc"]["img_per_s"] - 1)
     if "fraction_of_flop_bound" in items["protect"]:
         ratios["protection: fraction of the FLOP bound"] = items["protect"]["fraction_of_flop_bound"]
     report["ratios"] = ratios
@@ -412,7 +420,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"Protection: {protect['generator_gflop_per_image']:.3f} GFLOP/image, measured fp32 matmul peak "
                   f"{protect['matmul_peak_tflops']:.2f} TFLOP/s -> FLOP bound {protect['flop_bound_img_per_s']:.0f} img/s"]
     lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:+.1%} |" if "overhead" in k else f"| {k} | {v:.1%} |" for k, v in report["ratios"].items()]
+    lines += [f"| {k} | {v:+.1%} |" if "overhead" in k or "speed-up" in k else f"| {k} | {v:.1%} |" for k, v in report["ratios"].items()]
     if report.get("end_to_end"):
         lines += ["", "| time to a protected CIFAR-10 set | seconds | peak RSS MiB |", "|---|---:|---:|"]
         for k, v in report["end_to_end"].items():

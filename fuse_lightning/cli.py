@@ -17,6 +17,7 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fuse_lightning.allocator import keep_freed_memory
 from fuse_lightning.checkpoints import register_safe_globals
 from fuse_lightning.links import import_config_classes, link_data_to_model
 
@@ -252,6 +253,7 @@ def main(args: Sequence[str] | None = None) -> int | None:
     `fuse: error:` message and exit with status 1; `--debug` (or FUSE_DEBUG=1) shows the full
     traceback instead. Anything else is a bug and keeps its traceback.
     """
+    keep_freed_memory()  # why: see fuse_lightning/allocator.py (CPU steps 1.3-1.9x faster)
     argv = list(sys.argv[1:] if args is None else args)
     debug = DEBUG_FLAG in argv or os.environ.get("FUSE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
