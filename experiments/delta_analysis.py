@@ -10,7 +10,8 @@ the same class-stratified subset, and:
 * `grey rms`: RMS of luma(delta), what survives a grayscale attacker (luma is linear);
 * `class share`: share of delta's energy that is the mean delta of the image's class
   (sum_i |mean_{y_i}|^2 / sum_i |delta_i|^2): 1 for a class-wise code, ~1/n_per_class for noise;
-  `class share <0.25`: the same for the band below 0.25 only.
+  `class share <0.25`: the same for the band below 0.25 only;
+* `code rank`: effective number of distinct class codes (`codes.code_rank`; at most classes - 1).
 
     python experiments/delta_analysis.py --data_dir DATA --subset 5000 \\
         --methods fuse=outputs/sweeps/cifar10_cpu/methods/fuse/protected ... --out table.md
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fuse_lightning.codes import class_share, code_rank
 from fuse_lightning.colour import luma
 from fuse_lightning.data import CIFAR10DataModule
 from fuse_lightning.spectral import band_energy, bandpass
@@ -37,13 +39,6 @@ def load(data_dir: str, subset: int, protected_dir: str | None) -> tuple[torch.T
     return dm.train_images, dm.train_labels
 
 
-def class_share(delta: torch.Tensor, labels: torch.Tensor) -> float:
-    """Share of the energy of delta that is its class mean."""
-    total = delta.pow(2).sum()
-    explained = sum(delta[labels == c].mean(0).pow(2).sum() * (labels == c).sum() for c in labels.unique())
-    return float(explained / total)
-
-
 def analyse(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     delta = protected.double() - clean.double()
     shares = band_energy(delta, EDGES)
@@ -55,6 +50,7 @@ def analyse(clean: torch.Tensor, protected: torch.Tensor, labels: torch.Tensor) 
     row["grey rms"] = float(luma(delta).pow(2).mean().sqrt())
     row["class share"] = class_share(delta, labels)
     row["class share <0.25"] = class_share(low, labels)
+    row["code rank"] = code_rank(delta, labels)
     return row
 
 

@@ -39,7 +39,8 @@ def keep_freed_memory() -> bool:
     try:
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # glibc only: other C libraries' mallopt differ or are absent
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: other C libraries' mallopt differ
+            return False
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

@@ -34,7 +34,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fuse_lightning import spectral
 from fuse_lightning.budget import eps_to_unit
+from fuse_lightning.codes import class_share, code_rank
 from fuse_lightning.colour import gray3, luma_chroma_delta
+from fuse_lightning.data.base import random_crop_flip, random_resized_crop_flip
 from fuse_lightning.jpeg import diff_jpeg
 from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
 from fuse_lightning.nets.classifiers import ClassifierName
@@ -159,6 +161,13 @@ class FUSEModule(L.LightningModule):
             cheapest code, chroma, and ignores grey patterns, so a grey term alone has nothing
             to push against; a surrogate that also sees grayscale inputs is a proxy for the
             grayscale attacker's victim. 0 disables.
+        augment: The victim's training augmentation, applied on the device to every protected
+            image the surrogate trains on and every input of the generator's loss terms
+            (differentiably, an independent draw per image): "none", "crop_flip" (4-pixel pad +
+            crop and flip, the CIFAR victims' recipe) or "resized_crop" (RandomResizedCrop +
+            flip, the ImageNet victims' recipe). why: a victim never sees `x + delta` pixel-
+            aligned; a shortcut crafted on aligned images may not survive a rescaled crop.
+        augment_scale: Area range of "resized_crop" (torchvision's default is (0.08, 1)).
     """
 
     def __init__(
@@ -188,6 +197,8 @@ class FUSEModule(L.LightningModule):
         luma_share: float = 0.0,
         gray_weight: float = 0.0,
         gray_surrogate_share: float = 0.0,
+        augment: Literal["none", "crop_flip", "resized_crop"] = "none",
+        augment_scale: tuple[float, float] = (0.08, 1.0),
     ) -> None:
         super().__init__()
         if mode not in ("samplewise", "classwise"):
@@ -202,6 +213,10 @@ class FUSEModule(L.LightningModule):
             raise ValueError(f"model.gray_weight must be >= 0, got {gray_weight}")
         if not 0.0 <= gray_surrogate_share <= 1.0:
             raise ValueError(f"model.gray_surrogate_share must be in [0, 1], got {gray_surrogate_share}")
+        if augment not in ("none", "crop_flip", "resized_crop"):
+            raise ValueError(f"model.augment must be 'none', 'crop_flip' or 'resized_crop', got {augment!r}")
+        if not 0 < augment_scale[0] <= augment_scale[1] <= 1:
+            raise ValueError(f"model.augment_scale must satisfy 0 < low <= high <= 1, got {augment_scale}")
         if surrogate_steps < 1:
             raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
         self.rsm = rsm or RSMConfig()
@@ -334,6 +349,14 @@ class FUSEModule(L.LightningModule):
             out = torch.where(use.view(-1, 1, 1, 1), compressed, out)
         return out
 
+    def victim_augment(self, images: torch.Tensor) -> torch.Tensor:
+        """The victim's training augmentation (`augment`), an independent draw per image."""
+        if self.hparams.augment == "crop_flip":
+            return random_crop_flip(images, 4)
+        if self.hparams.augment == "resized_crop":
+            return random_resized_crop_flip(images, tuple(self.hparams.augment_scale))
+        return images
+
     # ----------------------------------------------------------------- losses
     def generator_losses(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """All generator loss terms for a batch (surrogate must be frozen by the caller)."""
@@ -358,7 +381,7 @@ class FUSEModule(L.LightningModule):
             inputs.append(gray3((x + delta).clamp(0, 1)))
             names.append("gray")
         # One surrogate pass over all variants: cheaper than several small ones.
-        logits = self.surrogate(torch.cat(inputs).clamp(0, 1)).split(x.shape[0])
+        logits = self.surrogate(self.victim_augment(torch.cat(inputs).clamp(0, 1))).split(x.shape[0])
         by_name = dict(zip(names, logits, strict=True))
         for name in ("em", "rsm", "low", "high", "gray"):
             if name in by_name:
@@ -390,8 +413,9 @@ class FUSEModule(L.LightningModule):
     @torch.no_grad()
     def surrogate_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """What the surrogate trains on: `x + delta` (detached), clamped to [0, 1]; with
-        `rsm.mask_surrogate_inputs` the second half of the batch has masked deltas, and with
-        `gray_surrogate_share` the last share of the batch is converted to grayscale."""
+        `rsm.mask_surrogate_inputs` the second half of the batch has masked deltas, with
+        `gray_surrogate_share` the last share of the batch is converted to grayscale, and with
+        `augment` every image is augmented as the victim's would be."""
         delta = self.perturbation(x, y)
         if self.rsm.enabled and self.rsm.mask_surrogate_inputs:
             # Half the batch sees masked perturbations, so the surrogate also learns the
@@ -402,7 +426,7 @@ class FUSEModule(L.LightningModule):
         n_gray = round(self.hparams.gray_surrogate_share * x.shape[0]) if x.shape[1] == 3 else 0
         if n_gray > 0:
             protected = torch.cat([protected[: x.shape[0] - n_gray], gray3(protected[x.shape[0] - n_gray:])])
-        return protected
+        return self.victim_augment(protected)
 
     # ----------------------------------------------------------------- multi-process training
     def _no_ddp_sync(self):
@@ -473,6 +497,10 @@ class FUSEModule(L.LightningModule):
         self.log("train/delta_linf_255", delta.abs().amax() * 255)
         if self.hparams.log_spectrum_every_n_steps and batch_idx % self.hparams.log_spectrum_every_n_steps == 0:
             self._log_spectrum_and_fidelity(x, delta)
+            # The class code the shortcut is made of: its share of delta and how many distinct
+            # codes the batch's classes use (a collapse to ~1 leaves classes inseparable).
+            self.log("delta/class_share", class_share(delta, y))
+            self.log("delta/code_rank", code_rank(delta, y))
 
     @torch.no_grad()
     def _log_spectrum_and_fidelity(self, x: torch.Tensor, delta: torch.Tensor) -> None:

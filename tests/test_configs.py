@@ -18,6 +18,8 @@ OVERLAYS = {  # composed after a base config, holding only what differs from it
     "victim_cpu.yaml": "victim_cifar10.yaml",
     "victim_fast_cpu.yaml": "victim_cifar10.yaml",
     "victim_cifar100.yaml": "victim_cifar10.yaml",
+    "fuse_tiny_imagenet_cpu.yaml": "fuse_imagenet_subset.yaml",
+    "victim_tiny_imagenet_cpu.yaml": "victim_imagenet_subset.yaml",
 }
 
 

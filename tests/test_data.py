@@ -21,6 +21,7 @@ from fuse_lightning.data import (
     expected_counts,
     label_names,
     random_crop_flip,
+    random_resized_crop_flip,
     read_cifar,
     stratified_subset_indices,
     write_cifar,
@@ -231,6 +232,34 @@ def test_random_crop_flip_without_padding_is_identity_or_flip():
     flipped = (y == x.flip(-1)).flatten(1).all(1)
     assert bool((same | flipped).all())
     assert 10 < int(flipped.sum()) < 54  # both outcomes occur
+
+
+def test_random_resized_crop_at_full_scale_is_identity_or_flip():
+    x = torch.rand(64, 3, 16, 16)
+    y = random_resized_crop_flip(x, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    same = torch.isclose(y, x, atol=1e-5).flatten(1).all(1)
+    flipped = torch.isclose(y, x.flip(-1), atol=1e-5).flatten(1).all(1)
+    assert bool((same | flipped).all())
+    assert 10 < int(flipped.sum()) < 54  # both outcomes occur
+
+
+def test_random_resized_crop_zooms_by_the_drawn_area():
+    """A quarter-area square crop is a 2x zoom: a ramp of slope 1 per column becomes slope 1/2,
+    its values stay inside the image's range, and gradients reach the input."""
+    ramp = torch.arange(32.0).expand(8, 3, 32, 32).clone().requires_grad_(True)
+    y = random_resized_crop_flip(ramp, scale=(0.25, 0.25), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    steps = (y[..., 1:] - y[..., :-1])[..., 2:-2]  # away from the border clamp
+    assert torch.allclose(steps.abs(), torch.full_like(steps, 0.5), atol=1e-4)
+    spans = y.detach().amax((1, 2, 3)) - y.detach().amin((1, 2, 3))
+    assert torch.allclose(spans, torch.full_like(spans, 15.5), atol=1e-3)  # 16 source columns, zoomed
+    y.sum().backward()
+    assert ramp.grad is not None and ramp.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scale", [(0.0, 1.0), (0.5, 0.2), (0.5, 1.5)])
+def test_random_resized_crop_rejects_bad_scale(scale):
+    with pytest.raises(ValueError, match="scale"):
+        random_resized_crop_flip(torch.rand(2, 3, 8, 8), scale=scale)
 
 
 def _crop(image: torch.Tensor, dy: int, dx: int, flip: bool) -> torch.Tensor:

@@ -72,7 +72,8 @@ def test_one_training_step_changes_generator_and_surrogate(tiny_cifar10: Path):
     assert any(not torch.equal(t, surrogate_before[n]) for n, t in model.surrogate.state_dict().items())
     assert any(not torch.equal(t, generator_before[n]) for n, t in model.generator.state_dict().items())
     for key in ("train/loss_em", "train/loss_rsm", "train/loss_low", "train/loss_high", "train/loss_consistency",
-                "train/loss_high_energy", "train/loss_generator", "train/surrogate_acc", "delta_band/0.00-0.25"):
+                "train/loss_high_energy", "train/loss_generator", "train/surrogate_acc", "delta_band/0.00-0.25",
+                "delta/class_share", "delta/code_rank"):
         assert key in trainer.callback_metrics, key
 
 
@@ -93,6 +94,29 @@ def test_ablation_switches_select_loss_terms(rsm, cbg, expected, absent):
     assert not (absent & set(terms))
     if not rsm and not cbg:  # plain error-minimizing generator: total == CE on x + delta
         assert torch.allclose(terms["loss_generator"], terms["loss_em"])
+
+
+@pytest.mark.parametrize("augment", ["crop_flip", "resized_crop"])
+def test_victim_augmentation_reaches_both_players(augment):
+    """With `augment`, the surrogate's inputs are augmented copies of x + delta (not x + delta
+    itself) and the generator's loss still has a gradient through the augmentation."""
+    torch.manual_seed(0)
+    model = small_fuse(augment=augment, augment_scale=(0.25, 0.5))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    aligned = (x + model.perturbation(x, y)).clamp(0, 1).detach()
+    seen = model.surrogate_inputs(x, y)
+    assert seen.shape == aligned.shape and not torch.allclose(seen, aligned)
+    assert float(seen.min()) >= 0.0 and float(seen.max()) <= 1.0
+    model.generator_losses(x, y)["loss_generator"].backward()
+    grads = [p.grad for p in model.generator.parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_unknown_augmentation_is_rejected():
+    with pytest.raises(ValueError, match="model.augment"):
+        small_fuse(augment="mixup")
+    with pytest.raises(ValueError, match="model.augment_scale"):
+        small_fuse(augment="resized_crop", augment_scale=(0.5, 0.1))
 
 
 def test_classwise_mode_gives_one_delta_per_class(tiny_cifar10: Path):

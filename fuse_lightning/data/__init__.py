@@ -8,6 +8,7 @@ from fuse_lightning.data.base import (
     ImageClassificationDataModule,
     TensorBatchDataset,
     random_crop_flip,
+    random_resized_crop_flip,
     stratified_subset_indices,
 )
 from fuse_lightning.data.cifar import CIFAR10DataModule, CIFAR100DataModule
@@ -32,6 +33,7 @@ __all__ = [
     "expected_counts",
     "label_names",
     "random_crop_flip",
+    "random_resized_crop_flip",
     "read_cifar",
     "stratified_subset_indices",
     "write_cifar",

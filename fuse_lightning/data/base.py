@@ -20,6 +20,7 @@ Protocol notes (unlearnable examples):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "filter_name",
     "passthrough_collate",
     "random_crop_flip",
+    "random_resized_crop_flip",
     "stratified_subset_indices",
 ]
 
@@ -87,6 +89,55 @@ def random_crop_flip(
     wp = xp.shape[-1]
     out = xp.gather(2, rows[:, None, :, None].expand(n, c, h, wp))
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip per image, resampled back to the input size.
+
+    Differentiable in `x` (one affine `grid_sample`, bilinear), so a loss on the augmented image
+    reaches a perturbation added before it. Each image gets a crop covering a share of the area
+    drawn uniformly from `scale`, with an aspect ratio log-uniform in `ratio` (both sides capped
+    at the full image), at a uniform position, mirrored with probability 1/2: torchvision's
+    `RandomResizedCrop` distribution, without its retry loop.
+
+    Args:
+        x: Float images (N, C, H, W).
+        scale: Range of the crop's area as a fraction of the image.
+        ratio: Range of the crop's width / height.
+        generator: Optional random generator (on `x`'s device) for reproducible draws.
+
+    Returns:
+        Tensor of the same shape as `x`.
+    """
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
+    n, dev = x.shape[0], x.device
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, device=dev, generator=generator)
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    # Half-sizes in grid_sample's normalised coordinates, where the image spans [-1, 1].
+    half_w = torch.sqrt(area * aspect).clamp(max=1.0)
+    half_h = torch.sqrt(area / aspect).clamp(max=1.0)
+    centre_x = (1 - half_w) * uniform(-1.0, 1.0)
+    centre_y = (1 - half_h) * uniform(-1.0, 1.0)
+    flip = torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=dev, dtype=x.dtype)
+    theta[:, 0, 0] = half_w * flip
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = half_h
+    theta[:, 1, 2] = centre_y
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def stratified_subset_indices(labels: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
