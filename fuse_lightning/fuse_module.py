@@ -38,7 +38,7 @@ from fuse_lightning.codes import class_share, code_rank
 from fuse_lightning.colour import gray3, luma_chroma_delta
 from fuse_lightning.data.base import random_crop_flip, random_resized_crop_flip
 from fuse_lightning.jpeg import diff_jpeg
-from fuse_lightning.losses import relative_energy, symmetric_kl_guidance
+from fuse_lightning.losses import code_overlap, relative_energy, symmetric_kl_guidance
 from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.conditioned import ConditionedGenerator
 from fuse_lightning.nets.generators import GeneratorName
@@ -134,6 +134,9 @@ class FUSEModule(L.LightningModule):
         label_embed_dim: Label-embedding channels fed to the generator (0: delta = G(x)).
         label_code_size: 0: constant per-class embedding channels; k > 0: a learned k x k spatial
             code per class, resized to the image (see `ConditionedGenerator`).
+        output_code_size: 0 disables; k > 0 adds a learned k x k code per class and channel
+            (initialised N(0, 1)) to the generator's output before the tanh, so delta starts as
+            class-wise random noise and the generator shapes it (see `ConditionedGenerator`).
         surrogate_arch: Surrogate classifier from the registry (e.g. fastnet, resnet18).
         surrogate_kwargs: Extra keyword arguments of the surrogate builder (e.g. `{width: 0.5}`).
         surrogate_steps: Surrogate updates (k) per training step, on the same batch.
@@ -168,6 +171,9 @@ class FUSEModule(L.LightningModule):
             flip, the ImageNet victims' recipe). why: a victim never sees `x + delta` pixel-
             aligned; a shortcut crafted on aligned images may not survive a rescaled crop.
         augment_scale: Area range of "resized_crop" (torchvision's default is (0.08, 1)).
+        code_overlap_weight: Weight of `losses.code_overlap` in the generator loss: the mean
+            squared cosine between the batch's centred class-mean deltas, which keeps the class
+            codes distinct (at 64x64 they were seen to merge into two). 0 disables.
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class FUSEModule(L.LightningModule):
         generator_width: int = 32,
         label_embed_dim: int = 8,
         label_code_size: int = 0,
+        output_code_size: int = 0,
         surrogate_arch: ClassifierName = "resnet18",
         surrogate_kwargs: dict | None = None,
         surrogate_steps: int = 1,
@@ -199,6 +206,7 @@ class FUSEModule(L.LightningModule):
         gray_surrogate_share: float = 0.0,
         augment: Literal["none", "crop_flip", "resized_crop"] = "none",
         augment_scale: tuple[float, float] = (0.08, 1.0),
+        code_overlap_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in ("samplewise", "classwise"):
@@ -217,6 +225,8 @@ class FUSEModule(L.LightningModule):
             raise ValueError(f"model.augment must be 'none', 'crop_flip' or 'resized_crop', got {augment!r}")
         if not 0 < augment_scale[0] <= augment_scale[1] <= 1:
             raise ValueError(f"model.augment_scale must satisfy 0 < low <= high <= 1, got {augment_scale}")
+        if code_overlap_weight < 0:
+            raise ValueError(f"model.code_overlap_weight must be >= 0, got {code_overlap_weight}")
         if surrogate_steps < 1:
             raise ValueError(f"model.surrogate_steps must be >= 1, got {surrogate_steps}")
         self.rsm = rsm or RSMConfig()
@@ -234,7 +244,7 @@ class FUSEModule(L.LightningModule):
         self.generator_optimizer_factory = generator_optimizer
         self.generator = ConditionedGenerator(
             generator_arch, num_classes, base_width=generator_width, embed_dim=label_embed_dim,
-            code_size=label_code_size,
+            code_size=label_code_size, output_code_size=output_code_size,
         )
         self.surrogate = classifier_with_normalization(
             surrogate_arch, num_classes, image_size, mean, std, surrogate_kwargs
@@ -398,6 +408,9 @@ class FUSEModule(L.LightningModule):
         total = full_weight * terms.get("loss_em", 0.0) + terms.get("loss_rsm", 0.0)
         if "loss_gray" in terms:
             total = total + self.hparams.gray_weight * terms["loss_gray"]
+        if self.hparams.code_overlap_weight > 0:
+            terms["loss_code_overlap"] = code_overlap(delta, y)
+            total = total + self.hparams.code_overlap_weight * terms["loss_code_overlap"]
         if self.cbg.enabled:
             total = (
                 total

@@ -36,3 +36,31 @@ def symmetric_kl_guidance(logits_a: torch.Tensor, logits_b: torch.Tensor, temper
 def relative_energy(part: torch.Tensor, eps: float) -> torch.Tensor:
     """Mean squared amplitude of a perturbation part, relative to the budget (1 = ±eps everywhere)."""
     return part.pow(2).mean() / (eps * eps)
+
+
+def code_overlap(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between the centred class means of delta in a batch (differentiable).
+
+    why: at 64x64 the label-conditioned generator was seen to merge its class codes into two
+    (`codes.code_rank` ~1): a victim can then only separate two groups of classes by the
+    shortcut. Penalising the overlap of the class codes keeps them distinct. With C classes of
+    equal-norm codes the minimum is 1 / (C - 1)^2 (a regular simplex), reached for C = 2 at 1.
+
+    Args:
+        delta: Perturbations (N, ...).
+        labels: Class of each perturbation (N,).
+
+    Returns:
+        A scalar in [0, 1]; 0 when fewer than two classes are in the batch.
+    """
+    classes = labels.unique()
+    if len(classes) < 2:
+        return delta.sum() * 0.0
+    flat = delta.reshape(len(delta), -1)
+    onehot = (labels[:, None] == classes[None, :]).to(flat.dtype)  # (N, C)
+    means = (onehot.T @ flat) / onehot.sum(0)[:, None]
+    centred = means - means.mean(0, keepdim=True)
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    cos = unit @ unit.T
+    off = ~torch.eye(len(classes), dtype=torch.bool, device=delta.device)
+    return cos[off].pow(2).mean()

@@ -38,3 +38,21 @@ def test_unstructured_noise_has_small_class_share():
     delta = torch.randn(500, 3, 8, 8)
     assert class_share(delta, labels) < 0.05  # about 1 / 50 images per class
     assert code_rank(torch.zeros(500, 3, 8, 8), labels) == 0.0
+
+
+def test_code_overlap_is_one_for_two_merged_codes_and_small_for_distinct_ones():
+    from fuse_lightning.losses import code_overlap
+
+    torch.manual_seed(0)
+    labels = _labels(10, 4)
+    v = torch.randn(3, 8, 8)
+    sign = torch.tensor([1, -1, -1, -1, -1, 1, -1, 1, 1, 1.0])
+    merged = (sign[labels].view(-1, 1, 1, 1) * v).requires_grad_(True)
+    assert float(code_overlap(merged.detach(), labels)) == pytest.approx(1.0, abs=1e-5)
+    distinct = torch.randn(10, 3, 8, 8)[labels]
+    assert float(code_overlap(distinct, labels)) < 0.05  # random 192-dim codes: nearly orthogonal
+    noisy = merged + 0.3 * torch.randn_like(merged)
+    loss = code_overlap(noisy, labels)
+    loss.backward()
+    assert merged.grad is not None and merged.grad.abs().sum() > 0  # differentiable
+    assert float(code_overlap(distinct, torch.zeros(40, dtype=torch.long))) == 0.0  # one class

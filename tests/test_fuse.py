@@ -302,3 +302,21 @@ def test_protect_on_fit_end_exports_into_the_run_by_default(tiny_cifar10, tmp_pa
     verify_manifest(run / "protected")
     assert (run / "checkpoints" / "last.ckpt").is_file()  # where gpu_check's protect stage looks
     assert not (tmp_path / "outputs" / "protected").exists()
+
+
+def test_code_overlap_term_enters_the_generator_loss():
+    torch.manual_seed(0)
+    x, y = torch.rand(20, 3, 32, 32), torch.arange(5).repeat(4)
+    plain = small_fuse()
+    torch.manual_seed(0)
+    weighted = small_fuse(code_overlap_weight=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    base = plain.generator_losses(x, y)
+    torch.manual_seed(1)
+    terms = weighted.generator_losses(x, y)
+    assert "loss_code_overlap" not in base
+    assert 0.0 <= float(terms["loss_code_overlap"]) <= 1.0
+    assert torch.allclose(terms["loss_generator"], base["loss_generator"] + 2.0 * terms["loss_code_overlap"], atol=1e-5)
+    with pytest.raises(ValueError, match="code_overlap_weight"):
+        small_fuse(code_overlap_weight=-1.0)

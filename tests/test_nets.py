@@ -185,3 +185,25 @@ def test_generator_is_sample_wise() -> None:
 def test_unknown_generator_lists_choices() -> None:
     with pytest.raises(ValueError, match="encdec.*unet"):
         build_generator("gan")
+
+
+def test_output_code_makes_the_initial_delta_a_classwise_code() -> None:
+    """With an output code, the untrained generator's delta is mostly its class's code: images of
+    one class share it, classes differ (code rank near its maximum)."""
+    from fuse_lightning.codes import class_share, code_rank
+    from fuse_lightning.nets.conditioned import ConditionedGenerator
+
+    torch.manual_seed(0)
+    gen = ConditionedGenerator("encdec", num_classes=5, base_width=8, embed_dim=4, output_code_size=16)
+    x, y = torch.rand(40, 3, 16, 16), torch.arange(5).repeat_interleave(8)
+    with torch.no_grad():
+        delta = torch.tanh(gen(x, y))
+    assert class_share(delta, y) > 0.8
+    assert code_rank(delta, y) > 3.0  # of at most 4
+    plain = ConditionedGenerator("encdec", num_classes=5, base_width=8, embed_dim=4)
+    with torch.no_grad():
+        assert class_share(torch.tanh(plain(x, y)), y) < class_share(delta, y)
+    with pytest.raises(ValueError, match="labels"):
+        gen(x)
+    with pytest.raises(ValueError, match="output_code_size"):
+        ConditionedGenerator("encdec", output_code_size=-1)

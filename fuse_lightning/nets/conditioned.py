@@ -26,6 +26,10 @@ class ConditionedGenerator(nn.Module):
         code_size: 0 broadcasts each class's embedding as constant channels; k > 0 learns a
             k x k spatial code per class, bilinearly resized to the image (resolution-agnostic),
             which hands the generator a class-specific spatial layout to build on.
+        output_code_size: 0 disables; k > 0 adds a learned k x k code per class (one per image
+            channel, initialised N(0, 1), bilinearly resized to the image) to the backbone's
+            output: the perturbation starts as class-wise random noise, the strongest known
+            shortcut, and the backbone shapes it per image from there.
     """
 
     def __init__(
@@ -36,14 +40,22 @@ class ConditionedGenerator(nn.Module):
         base_width: int = 32,
         embed_dim: int = 8,
         code_size: int = 0,
+        output_code_size: int = 0,
     ) -> None:
         super().__init__()
+        if output_code_size < 0:
+            raise ValueError(f"output_code_size must be >= 0, got {output_code_size}")
         self.embed_dim = embed_dim
         self.code_size = code_size
         self.embedding = nn.Embedding(num_classes, embed_dim) if embed_dim > 0 and code_size == 0 else None
         self.codes = (
             nn.Parameter(torch.randn(num_classes, embed_dim, code_size, code_size))
             if embed_dim > 0 and code_size > 0
+            else None
+        )
+        self.output_codes = (
+            nn.Parameter(torch.randn(num_classes, in_channels, output_code_size, output_code_size))
+            if output_code_size > 0
             else None
         )
         self.backbone = build_generator(
@@ -55,12 +67,16 @@ class ConditionedGenerator(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Raw (unbounded) perturbation logits of the same shape as `x`."""
+        if (self.embed_dim > 0 or self.output_codes is not None) and y is None:
+            raise ValueError("this generator is label-conditioned: pass labels y")
+        out_code = None
+        if self.output_codes is not None:
+            out_code = F.interpolate(self.output_codes[y], size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.embed_dim > 0:
-            if y is None:
-                raise ValueError("this generator is label-conditioned: pass labels y")
             if self.codes is not None:
                 maps = F.interpolate(self.codes[y], size=x.shape[-2:], mode="bilinear", align_corners=False)
             else:
                 maps = self.embedding(y)[:, :, None, None].expand(-1, -1, *x.shape[-2:])
             x = torch.cat([x, maps.to(x.dtype)], dim=1)
-        return self.backbone(x)
+        out = self.backbone(x)
+        return out if out_code is None else out + out_code.to(out.dtype)
