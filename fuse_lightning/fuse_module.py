@@ -16,7 +16,9 @@ One training step (manual optimization):
 
 With RSM disabled, w_full is forced to 1; with both disabled this is the plain error-minimizing
 generator. The paper does not publish its exact losses: these choices and their reasons are in
-`docs/method.md`. Every term is logged (`train/loss_*`).
+`docs/method.md`. Options add terms (off by default): a grayscale term (`gray_weight`) and a
+penalty on overlapping class codes (`code_overlap_weight`); `augment` shows both players the
+victim's augmentation of every input. Every term is logged (`train/loss_*`).
 """
 
 from __future__ import annotations
