@@ -28,32 +28,6 @@ def eps_to_unit(eps_255: float) -> float:
     return float(eps_255) / 255.0
 
 
-def bound_tanh(raw: Tensor, eps: float) -> Tensor:
-    """Smoothly squash an unbounded tensor into ``[-eps, eps]``.
-
-    Args:
-        raw: Unbounded generator output.
-        eps: Budget in the ``[0, 1]`` scale.
-
-    Returns:
-        ``eps * tanh(raw)``.
-    """
-    return eps * torch.tanh(raw)
-
-
-def project_linf(delta: Tensor, eps: float) -> Tensor:
-    """Project onto the L-infinity ball of radius ``eps``.
-
-    Args:
-        delta: Perturbation.
-        eps: Budget in the ``[0, 1]`` scale.
-
-    Returns:
-        ``clamp(delta, -eps, eps)``.
-    """
-    return delta.clamp(-eps, eps)
-
-
 def perturb(x: Tensor, delta: Tensor) -> Tensor:
     """Add a perturbation and keep the result a valid image.
 

@@ -19,16 +19,21 @@ __all__ = ["class_means", "class_share", "code_rank"]
 
 
 def class_means(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean delta of each class present in `labels`, flattened: (classes present, D)."""
-    flat = delta.reshape(len(delta), -1).double()
-    return torch.stack([flat[labels == c].mean(0) for c in labels.unique()])
+    """Mean delta of each class present in `labels`, flattened: (classes present, D).
+
+    A one-hot matrix product, so it is differentiable (`losses.code_overlap` trains through it)
+    and keeps delta's dtype; callers that need precision pass float64.
+    """
+    flat = delta.reshape(len(delta), -1)
+    onehot = (labels[:, None] == labels.unique()[None, :]).to(flat.dtype)  # (N, classes present)
+    return (onehot.T @ flat) / onehot.sum(0)[:, None]
 
 
 def class_share(delta: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of delta's energy that is the mean delta of each image's class."""
-    flat = delta.reshape(len(delta), -1).double()
-    total = flat.pow(2).sum()
-    counts = torch.stack([(labels == c).sum() for c in labels.unique()]).double()
+    delta = delta.double()
+    total = delta.pow(2).sum()
+    counts = torch.unique(labels, return_counts=True)[1].double()
     explained = (class_means(delta, labels).pow(2).sum(1) * counts).sum()
     return float(explained / total) if total > 0 else 0.0
 
@@ -43,7 +48,7 @@ def code_rank(delta: torch.Tensor, labels: torch.Tensor) -> float:
     Returns:
         A value in [0, classes present - 1]; 0 when every class has the same mean.
     """
-    means = class_means(delta, labels)
+    means = class_means(delta.double(), labels)
     centred = means - means.mean(0, keepdim=True)
     power = torch.linalg.svdvals(centred).pow(2)
     if float(power.sum()) == 0.0:

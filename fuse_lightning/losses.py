@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fuse_lightning.codes import class_means
+
 
 def symmetric_kl_guidance(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-band consistency: each band's prediction is pulled toward the other's (stop-gradient).
@@ -53,14 +55,11 @@ def code_overlap(delta: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Returns:
         A scalar in [0, 1]; 0 when fewer than two classes are in the batch.
     """
-    classes = labels.unique()
-    if len(classes) < 2:
+    means = class_means(delta, labels)
+    if len(means) < 2:
         return delta.sum() * 0.0
-    flat = delta.reshape(len(delta), -1)
-    onehot = (labels[:, None] == classes[None, :]).to(flat.dtype)  # (N, C)
-    means = (onehot.T @ flat) / onehot.sum(0)[:, None]
     centred = means - means.mean(0, keepdim=True)
     unit = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
     cos = unit @ unit.T
-    off = ~torch.eye(len(classes), dtype=torch.bool, device=delta.device)
+    off = ~torch.eye(len(means), dtype=torch.bool, device=delta.device)
     return cos[off].pow(2).mean()

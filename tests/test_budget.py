@@ -6,15 +6,8 @@ from fuse_lightning import budget as bd
 torch.set_num_threads(1)
 
 
-def test_eps_and_bounds():
+def test_eps_and_perturb():
     assert bd.eps_to_unit(8) == pytest.approx(8 / 255)
-    raw = torch.tensor([-100.0, -0.5, 0.0, 0.5, 100.0])
-    eps = 8 / 255
-    b = bd.bound_tanh(raw, eps)
-    assert b.abs().max() <= eps
-    assert b[2] == 0 and b[4] == pytest.approx(eps)
-    p = bd.project_linf(torch.tensor([-1.0, 0.01, 1.0]), eps)
-    assert torch.allclose(p, torch.tensor([-eps, 0.01, eps]))
     x = torch.tensor([0.0, 0.5, 1.0])
     assert torch.allclose(
         bd.perturb(x, torch.tensor([-0.1, 0.1, 0.1])), torch.tensor([0.0, 0.6, 1.0])

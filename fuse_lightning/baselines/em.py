@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
+from fuse_lightning.data.base import random_crop_flip
 from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.normalized import classifier_with_normalization
 
@@ -287,6 +288,62 @@ class ErrorMinimizingNoise(Perturbation):
         acc_p, loss_p = self._evaluate(self._images, self._labels, perturbed=True)
         return {"clean_acc": acc_c, "clean_loss": loss_c, "perturbed_acc": acc_p, "perturbed_loss": loss_p}
 
+    def _initial_delta(
+        self, images: torch.Tensor, indices: torch.Tensor, num_classes: int, eps: float, gen: torch.Generator
+    ) -> torch.Tensor:
+        """Uniform start in the eps-ball (as in the original implementation), inside [0, 1]."""
+        shape = tuple(images.shape[1:])
+        if self.mode == "classwise":
+            u = torch.rand((num_classes, *shape), generator=gen)
+        else:
+            u = seeded_per_index(self.seed, indices, shape, "uniform")
+        delta = ((2 * u - 1) * eps).to(images.device)
+        if self.mode == "samplewise":
+            x0 = images.float() / 255
+            delta = (x0 + delta).clamp(0, 1) - x0
+        return delta
+
+    def _train_surrogate(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+        order: torch.Tensor, cursor: int, gen: torch.Generator,
+    ) -> tuple[float, torch.Tensor, int]:
+        """`train_steps` SGD steps on the perturbed fit set; returns (mean loss, order, cursor)."""
+        n, dev = len(labels), images.device
+        model.train()
+        train_loss = 0.0
+        for _ in range(self.train_steps):
+            if cursor + self.batch_size > n and cursor > 0:
+                order, cursor = torch.randperm(n, generator=gen), 0
+            rows = order[cursor : cursor + self.batch_size].to(dev)
+            cursor += self.batch_size
+            x = self._perturbed(images[rows].float() / 255, labels[rows], rows)
+            if self.augment:
+                x = random_crop_flip(x, 4)
+            with _autocast(dev, self.amp):
+                loss = F.cross_entropy(model(x).float(), labels[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_loss += loss.item() / max(1, self.train_steps)
+        return train_loss, order, cursor
+
+    def _update_perturbations(
+        self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float, round_: int
+    ) -> None:
+        """One PGD pass over the whole fit set with the surrogate frozen (eval mode)."""
+        n, dev = len(labels), images.device
+        model.eval()
+        model.requires_grad_(False)
+        bar = tqdm(range(0, n, self.batch_size), desc=f"EM round {round_}: PGD", disable=not self.progress, leave=False)
+        for start in bar:
+            rows = torch.arange(start, min(start + self.batch_size, n), device=dev)
+            x, y = images[rows].float() / 255, labels[rows]
+            if self.mode == "classwise":
+                self.delta = pgd_min_classwise(model, x, y, self.delta, eps, step, self.pgd_steps, self.amp)
+            else:
+                self.delta[rows] = pgd_min_samplewise(model, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp)
+        model.requires_grad_(True)
+
     # ------------------------------------------------------------------ fit
     def fit(self, datamodule) -> None:
         """Run the min-min optimisation on the DataModule's (subset of the) training set."""
@@ -313,17 +370,7 @@ class ErrorMinimizingNoise(Perturbation):
                 model = model.to(memory_format=torch.channels_last)
             self.surrogate = model
             gen = torch.Generator().manual_seed(self.seed)
-            shape = tuple(images.shape[1:])
-            if self.mode == "classwise":
-                u = torch.rand((datamodule.num_classes, *shape), generator=gen)
-            else:
-                u = seeded_per_index(self.seed, indices, shape, "uniform")
-            # Uniform start in the eps-ball, as in the original implementation.
-            self.delta = ((2 * u - 1) * eps).to(dev)
-            if self.mode == "samplewise":
-                x0 = images.float() / 255
-                self.delta = (x0 + self.delta).clamp(0, 1) - x0
-                del x0
+            self.delta = self._initial_delta(images, indices, datamodule.num_classes, eps, gen)
             optimizer = torch.optim.SGD(
                 model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
@@ -343,43 +390,9 @@ class ErrorMinimizingNoise(Perturbation):
                 if done:
                     break
                 # 1) train the surrogate a few batches on the current perturbed data
-                model.train()
-                train_loss = 0.0
-                for _ in range(self.train_steps):
-                    if cursor + self.batch_size > n and cursor > 0:
-                        order, cursor = torch.randperm(n, generator=gen), 0
-                    rows = order[cursor : cursor + self.batch_size].to(dev)
-                    cursor += self.batch_size
-                    x = self._perturbed(images[rows].float() / 255, labels[rows], rows)
-                    if self.augment:
-                        from fuse_lightning.data.base import random_crop_flip
-
-                        x = random_crop_flip(x, 4)
-                    with _autocast(dev, self.amp):
-                        loss = F.cross_entropy(model(x).float(), labels[rows])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    train_loss += loss.item() / max(1, self.train_steps)
+                train_loss, order, cursor = self._train_surrogate(model, optimizer, images, labels, order, cursor, gen)
                 # 2) update the perturbations over the whole fit set (surrogate frozen, eval mode)
-                model.eval()
-                model.requires_grad_(False)
-                bar = tqdm(
-                    range(0, n, self.batch_size), desc=f"EM round {round_}: PGD",
-                    disable=not self.progress, leave=False,
-                )
-                for start in bar:
-                    rows = torch.arange(start, min(start + self.batch_size, n), device=dev)
-                    x, y = images[rows].float() / 255, labels[rows]
-                    if self.mode == "classwise":
-                        self.delta = pgd_min_classwise(
-                            model, x, y, self.delta, eps, step, self.pgd_steps, self.amp
-                        )
-                    else:
-                        self.delta[rows] = pgd_min_samplewise(
-                            model, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp
-                        )
-                model.requires_grad_(True)
+                self._update_perturbations(model, images, labels, eps, step, round_)
                 # 3) stop condition: the surrogate fits the perturbed data
                 acc, loss_p = self._evaluate(images, labels, perturbed=True)
                 history.append(
