@@ -11,13 +11,14 @@ when complete, so an interrupted export never leaves a half-written dataset behi
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -125,6 +126,19 @@ def commit_output_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Iterator[tuple[Path, Path]]:
+    """`with atomic_output_dir(out, overwrite) as (final, tmp):` write into `tmp`; on success it
+    replaces `final` in one rename, on any error (or Ctrl-C) it is removed and `final` is untouched."""
+    final, tmp = prepare_output_dir(out_dir, overwrite)
+    try:
+        yield final, tmp
+        commit_output_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 class FidelityMeter:
     """Accumulates PSNR, SSIM (torchmetrics) and the uint8 L∞ distance of protected vs clean."""
 
@@ -183,8 +197,7 @@ def protect_dataset(
     Returns:
         The final output directory.
     """
-    final, tmp = prepare_output_dir(out_dir, overwrite)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as (final, tmp):
         datamodule.setup("fit")
         # The training set the run was configured with (its `train_subset`, if any), clean.
         loader = datamodule.protect_dataloader(batch_size=batch_size, use_subset=True)
@@ -229,11 +242,7 @@ def protect_dataset(
         write_manifest(tmp, info)
         if fidelity["linf_uint8"] > eps:  # cannot happen after quantize_protected; guard anyway
             raise AssertionError(f"budget violated: {fidelity['linf_uint8']} > {eps}")
-        commit_output_dir(tmp, final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final
 
 
 def run_manifest(pl_module, datamodule, mode: str, trainer=None, ckpt_path: str | None = None) -> dict[str, Any]:
@@ -328,8 +337,7 @@ def protect_folder(
         raise ValueError(f"--label must be in [0, {num_classes}), got {label}")
     subdirs = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
     class_of = {name: i % num_classes for i, name in enumerate(subdirs)}
-    final, tmp = prepare_output_dir(out_dir, overwrite)
-    try:
+    with atomic_output_dir(out_dir, overwrite) as (final, tmp):
         pl_module.eval()
         eps = float(pl_module.hparams.eps)
         device = pl_module.device
@@ -368,11 +376,7 @@ def protect_folder(
                 "images": per_image,
             },
         )
-        commit_output_dir(tmp, final)
-        return final
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return final
 
 
 # Sections of a training config that `fuse protect --config` accepts and does not use.

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -412,18 +411,13 @@ def fetch_protected_set(ref: str, dest: str | Path, *, project: str | None = Non
 
 def _fetch_into(dest: Path, metadata: dict[str, Any], ref: str, fill) -> Path:
     """`dest` when it already holds the verified set; else `fill(tmp)`, verify, rename to `dest`."""
-    from fuse_lightning.protect import commit_output_dir, prepare_output_dir
+    from fuse_lightning.protect import atomic_output_dir
 
     if dest.exists() and _same_set(dest, metadata):
         return dest
-    final, tmp = prepare_output_dir(dest, overwrite=False)
-    try:
+    with atomic_output_dir(dest, overwrite=False) as (final, tmp):
         fill(tmp)
         _verify_fetched(tmp, metadata, ref)
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
