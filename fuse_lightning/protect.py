@@ -291,6 +291,34 @@ def image_fidelity(clean: torch.Tensor, protected: torch.Tensor, ssim_max_side: 
     return {"psnr": psnr, "linf_uint8": int(diff.abs().max()), "num_images": 1, "ssim": float("nan")}
 
 
+def _protect_image(
+    pl_module, path: Path, rel: Path, cls: int, tmp: Path, eps: float, tile: int, overlap: int
+) -> tuple[str, dict[str, Any]]:
+    """Perturb one image file as class `cls`, write `<tmp>/<output name>`; (output name, manifest entry)."""
+    from PIL import Image
+
+    from fuse_lightning.images import output_name, perturb_tiled, read_image
+
+    rgb, alpha, mode = read_image(path)
+    clean = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(pl_module.device)
+    y = torch.tensor([cls], device=pl_module.device)
+    delta = perturb_tiled(lambda crop: pl_module.perturbation(crop, y), clean.float() / 255, tile, overlap)
+    protected = quantize_protected(clean, delta, eps)
+    del delta
+    out_rel = output_name(rel.as_posix())
+    target = tmp / out_rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pixels = protected[0].permute(1, 2, 0).cpu().numpy()
+    if alpha is not None:
+        pixels = np.concatenate([pixels, alpha[..., None]], axis=2)
+    Image.fromarray(pixels).save(target)
+    entry = {
+        "source": rel.as_posix(), "source_mode": mode, "alpha": "copied unchanged" if alpha is not None else None,
+        "class": cls, **image_fidelity(clean, protected, ssim_max_side=tile),
+    }
+    return out_rel.as_posix(), entry
+
+
 @torch.no_grad()
 def protect_folder(
     pl_module,
@@ -322,10 +350,6 @@ def protect_folder(
         tile: Tile side in pixels.
         overlap: Context margin of each tile in pixels.
     """
-    from PIL import Image
-
-    from fuse_lightning.images import output_name, perturb_tiled, read_image
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
@@ -340,28 +364,12 @@ def protect_folder(
     with atomic_output_dir(out_dir, overwrite) as (final, tmp):
         pl_module.eval()
         eps = float(pl_module.hparams.eps)
-        device = pl_module.device
         per_image = {}
         for path in tqdm(files, desc=f"protect {folder.name}", disable=not progress):
             rel = path.relative_to(folder)
-            rgb, alpha, mode = read_image(path)
-            clean = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(device)
             cls = class_of.get(rel.parts[0], label) if len(rel.parts) > 1 else label
-            y = torch.tensor([cls], device=device)
-            delta = perturb_tiled(lambda crop, y=y: pl_module.perturbation(crop, y), clean.float() / 255, tile, overlap)
-            protected = quantize_protected(clean, delta, eps)
-            del delta
-            out_rel = output_name(rel.as_posix())
-            target = tmp / out_rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            pixels = protected[0].permute(1, 2, 0).cpu().numpy()
-            if alpha is not None:
-                pixels = np.concatenate([pixels, alpha[..., None]], axis=2)
-            Image.fromarray(pixels).save(target)
-            per_image[out_rel.as_posix()] = {
-                "source": rel.as_posix(), "source_mode": mode, "alpha": "copied unchanged" if alpha is not None else None,
-                "class": cls, **image_fidelity(clean, protected, ssim_max_side=tile),
-            }
+            out_rel, entry = _protect_image(pl_module, path, rel, cls, tmp, eps, tile, overlap)
+            per_image[out_rel] = entry
         write_manifest(
             tmp,
             {
