@@ -595,8 +595,13 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
             seen |= {run.method, run.arch}
             commands.append(S.victim_command(sweep, run, "data"))
     commands.append(S.victim_command(sweep, run, "data") + W.logger_args(sweep, run))
-    commands += [S.prepare_command(sweep.methods[m], "data") for m in sweep.grid.method
-                 if sweep.methods[m].spec.command]
+    order = [sweep.methods[m] for m in sweep.grid.method]  # prepared in this order
+    position = {}
+    for i, method in enumerate(order):
+        if method.spec.command:
+            cmd = S.prepare_command(method, "data")
+            commands.append(cmd)
+            position[id(cmd)] = i
     for cmd in commands:
         args = cmd[cmd.index("fuse_lightning") + 1:]
         if args[0] == "fit":
@@ -606,10 +611,9 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
         elif args[0] == "protect":
             # Its checkpoint is written by a `fit` method of the grid that is prepared before it.
             ckpt = (REPO / args[args.index("--ckpt") + 1]).resolve()
-            order = [sweep.methods[m] for m in sweep.grid.method]
             owner = next(i for i, m in enumerate(order) if m.method_dir and m.spec.command == "fit"
                          and ckpt.is_relative_to(Path(m.method_dir).resolve()))
-            assert owner < next(i for i, m in enumerate(order) if m.spec.command == "protect"), cmd
+            assert owner < position[id(cmd)], cmd
         else:
             assert args[0] == "baseline", cmd
             baseline_parser().parse_args(args[1:])
