@@ -139,6 +139,8 @@ class FUSEModule(L.LightningModule):
         output_code_size: 0 disables; k > 0 adds a learned k x k code per class and channel
             (initialised N(0, 1)) to the generator's output before the tanh, so delta starts as
             class-wise random noise and the generator shapes it (see `ConditionedGenerator`).
+        output_code_trainable: False keeps the output codes at their random draw (see
+            `ConditionedGenerator`).
         surrogate_arch: Surrogate classifier from the registry (e.g. fastnet, resnet18).
         surrogate_kwargs: Extra keyword arguments of the surrogate builder (e.g. `{width: 0.5}`).
         surrogate_steps: Surrogate updates (k) per training step, on the same batch.
@@ -190,6 +192,7 @@ class FUSEModule(L.LightningModule):
         label_embed_dim: int = 8,
         label_code_size: int = 0,
         output_code_size: int = 0,
+        output_code_trainable: bool = True,
         surrogate_arch: ClassifierName = "resnet18",
         surrogate_kwargs: dict | None = None,
         surrogate_steps: int = 1,
@@ -247,6 +250,7 @@ class FUSEModule(L.LightningModule):
         self.generator = ConditionedGenerator(
             generator_arch, num_classes, base_width=generator_width, embed_dim=label_embed_dim,
             code_size=label_code_size, output_code_size=output_code_size,
+            output_code_trainable=output_code_trainable,
         )
         self.surrogate = classifier_with_normalization(
             surrogate_arch, num_classes, image_size, mean, std, surrogate_kwargs

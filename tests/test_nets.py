@@ -207,3 +207,27 @@ def test_output_code_makes_the_initial_delta_a_classwise_code() -> None:
         gen(x)
     with pytest.raises(ValueError, match="output_code_size"):
         ConditionedGenerator("encdec", output_code_size=-1)
+
+
+def test_fixed_output_codes_are_saved_but_not_trained() -> None:
+    """`output_code_trainable=False`: the codes are a buffer (in the state dict, not among the
+    parameters an optimizer sees) and an optimizer step leaves them exactly as drawn."""
+    from fuse_lightning.nets.conditioned import ConditionedGenerator
+
+    torch.manual_seed(0)
+    gen = ConditionedGenerator("encdec", num_classes=3, base_width=8, embed_dim=0, output_code_size=4,
+                               output_code_trainable=False)
+    assert "output_codes" in gen.state_dict()
+    assert all(p is not gen.output_codes for p in gen.parameters())
+    before = gen.output_codes.clone()
+    opt = torch.optim.SGD(gen.parameters(), lr=1.0)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    gen(x, y).square().mean().backward()
+    opt.step()
+    assert torch.equal(gen.output_codes, before)
+    learned = ConditionedGenerator("encdec", num_classes=3, base_width=8, embed_dim=0, output_code_size=4)
+    start = learned.output_codes.detach().clone()
+    opt = torch.optim.SGD(learned.parameters(), lr=1.0)
+    learned(x, y).square().mean().backward()
+    opt.step()
+    assert not torch.equal(learned.output_codes, start)

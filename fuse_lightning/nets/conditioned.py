@@ -30,6 +30,9 @@ class ConditionedGenerator(nn.Module):
             channel, initialised N(0, 1), bilinearly resized to the image) to the backbone's
             output: the perturbation starts as class-wise random noise, the strongest known
             shortcut, and the backbone shapes it per image from there.
+        output_code_trainable: False keeps the output codes at their random draw (a buffer, saved
+            with the model). why: learned codes of a grey delta merge into 2-3 distinct patterns
+            during training (code rank, docs/method.md); fixed codes stay ten distinct ones.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class ConditionedGenerator(nn.Module):
         embed_dim: int = 8,
         code_size: int = 0,
         output_code_size: int = 0,
+        output_code_trainable: bool = True,
     ) -> None:
         super().__init__()
         if output_code_size < 0:
@@ -53,11 +57,11 @@ class ConditionedGenerator(nn.Module):
             if embed_dim > 0 and code_size > 0
             else None
         )
-        self.output_codes = (
-            nn.Parameter(torch.randn(num_classes, in_channels, output_code_size, output_code_size))
-            if output_code_size > 0
-            else None
-        )
+        codes = torch.randn(num_classes, in_channels, output_code_size, output_code_size) if output_code_size else None
+        if codes is not None and output_code_trainable:
+            self.output_codes = nn.Parameter(codes)
+        else:
+            self.register_buffer("output_codes", codes)  # None registers nothing in the state dict
         self.backbone = build_generator(
             arch,
             in_channels=in_channels + embed_dim,
