@@ -24,11 +24,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from PIL import Image
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from tqdm.auto import tqdm
 
 import fuse_lightning
 from fuse_lightning.budget import linf_uint8, quantize_protected
+from fuse_lightning.images import output_name, perturb_tiled, read_image
 from fuse_lightning.manifest import ManifestError, sha256_file, verify_manifest, write_manifest  # noqa: F401
 
 PerturbFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -295,10 +297,6 @@ def _protect_image(
     pl_module, path: Path, rel: Path, cls: int, tmp: Path, eps: float, tile: int, overlap: int
 ) -> tuple[str, dict[str, Any]]:
     """Perturb one image file as class `cls`, write `<tmp>/<output name>`; (output name, manifest entry)."""
-    from PIL import Image
-
-    from fuse_lightning.images import output_name, perturb_tiled, read_image
-
     rgb, alpha, mode = read_image(path)
     clean = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(pl_module.device)
     y = torch.tensor([cls], device=pl_module.device)

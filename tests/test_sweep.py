@@ -596,13 +596,12 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
             commands.append(S.victim_command(sweep, run, "data"))
     commands.append(S.victim_command(sweep, run, "data") + W.logger_args(sweep, run))
     order = [sweep.methods[m] for m in sweep.grid.method]  # prepared in this order
-    position = {}
+    prepared_at = [None] * len(commands)  # a prepare command's position in `order`
     for i, method in enumerate(order):
         if method.spec.command:
-            cmd = S.prepare_command(method, "data")
-            commands.append(cmd)
-            position[id(cmd)] = i
-    for cmd in commands:
+            commands.append(S.prepare_command(method, "data"))
+            prepared_at.append(i)
+    for cmd, position in zip(commands, prepared_at):
         args = cmd[cmd.index("fuse_lightning") + 1:]
         if args[0] == "fit":
             with pytest.raises(SystemExit) as exit_info:
@@ -613,7 +612,7 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
             ckpt = (REPO / args[args.index("--ckpt") + 1]).resolve()
             owner = next(i for i, m in enumerate(order) if m.method_dir and m.spec.command == "fit"
                          and ckpt.is_relative_to(Path(m.method_dir).resolve()))
-            assert owner < position[id(cmd)], cmd
+            assert owner < position, cmd
         else:
             assert args[0] == "baseline", cmd
             baseline_parser().parse_args(args[1:])
