@@ -411,6 +411,28 @@ def _family_styles(families: Sequence[str]) -> dict[str, tuple[Any, str]]:
     return styles
 
 
+def _cutoff_points(
+    rows: Sequence[dict[str, Any]], key: str
+) -> tuple[dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]], list[str], float]:
+    """(arch -> (method, low-pass family) -> [(cutoff, mean, std)], the families, x of "none")."""
+    stats = aggregate(rows, key)
+    points: dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]] = {}
+    parsed_all = [c for r in rows if (c := cutoff_of(r["filter"]))]
+    families = sorted({fam for fam, _ in parsed_all if fam != "none"}, key=_family_order)
+    # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted (a Gaussian or Butterworth
+    # cutoff of 1 still attenuates), in which case "none" moves to sqrt 2 to keep points apart.
+    top = max((c for fam, c in parsed_all if fam != "none"), default=0.0)
+    x_none = 1.0 if top < 1.0 else float(np.sqrt(2.0))
+    for (arch, method, filt), (mean, std, _) in stats.items():
+        parsed = cutoff_of(filt)
+        if parsed is None:
+            continue
+        x = x_none if parsed[0] == "none" else parsed[1]
+        for fam in [parsed[0]] if parsed[0] != "none" else (families or ["none"]):
+            points.setdefault(arch, {}).setdefault((method, fam), []).append((x, mean, std))
+    return points, families, x_none
+
+
 def plot_acc_vs_cutoff(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike, key: str = "val_acc"
 ) -> Path | None:
@@ -430,21 +452,7 @@ def plot_acc_vs_cutoff(
     Returns:
         The written path, or None when no row has a low-pass (or "none") filter.
     """
-    stats = aggregate(rows, key)
-    points: dict[str, dict[tuple[str, str], list[tuple[float, float, float]]]] = {}
-    parsed_all = [c for r in rows if (c := cutoff_of(r["filter"]))]
-    families = sorted({fam for fam, _ in parsed_all if fam != "none"}, key=_family_order)
-    # "none" sits at cutoff 1.0, unless a real cutoff >= 1 is plotted (a Gaussian or Butterworth
-    # cutoff of 1 still attenuates), in which case "none" moves to sqrt 2 to keep points apart.
-    top = max((c for fam, c in parsed_all if fam != "none"), default=0.0)
-    x_none = 1.0 if top < 1.0 else float(np.sqrt(2.0))
-    for (arch, method, filt), (mean, std, _) in stats.items():
-        parsed = cutoff_of(filt)
-        if parsed is None:
-            continue
-        x = x_none if parsed[0] == "none" else parsed[1]
-        for fam in [parsed[0]] if parsed[0] != "none" else (families or ["none"]):
-            points.setdefault(arch, {}).setdefault((method, fam), []).append((x, mean, std))
+    points, families, x_none = _cutoff_points(rows, key)
     if not points:
         return None
     methods = _ordered(r["method"] for r in rows)
