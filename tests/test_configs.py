@@ -199,3 +199,16 @@ def test_run_directory_is_one_flag(capsys):
     with pytest.raises(SystemExit):
         build_cli(["fit", "--config", str(config), "--print_config"])
     assert "save_dir: outputs/fuse_cifar10" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("main_config", ["fuse_cifar10.yaml", "fuse_cifar10_cpu.yaml", "fuse_cifar100.yaml"])
+def test_method_overlays_compose_with_the_fuse_configs(main_config: str, capsys):
+    """configs/method/*.yaml change the method only: composed last over a FUSE config, they set
+    their keys, keep the rest of the model (e.g. CBG's other settings) and the main config's data."""
+    base = printed_config(composed(main_config), capsys)
+    grey = printed_config([*composed(main_config), REPO / "configs" / "method" / "grey_code.yaml"], capsys)
+    args, base_args = grey["model"]["init_args"], base["model"]["init_args"]
+    assert (args["luma_share"], args["output_code_size"], args["augment"]) == (1.0, 8, "crop_flip")
+    assert args["cbg"] == {**base_args["cbg"], "enabled": False}
+    assert args["rsm"] == base_args["rsm"] and args["surrogate_arch"] == base_args["surrogate_arch"]
+    assert grey["data"] == base["data"]
