@@ -31,8 +31,9 @@ class ConditionedGenerator(nn.Module):
             output: the perturbation starts as class-wise random noise, the strongest known
             shortcut, and the backbone shapes it per image from there.
         output_code_trainable: False keeps the output codes at their random draw (a buffer, saved
-            with the model). why: learned codes of a grey delta merge into 2-3 distinct patterns
-            during training (code rank, docs/method.md); fixed codes stay ten distinct ones.
+            with the model), to test whether learning the codes is what merges a grey delta's
+            classes into 2-3 patterns. Measured: it is not (the backbone's output merges them
+            too, and fixed codes protect no better; docs/method.md, "A grey class code").
     """
 
     def __init__(
