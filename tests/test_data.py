@@ -324,6 +324,26 @@ def test_datamodule_subset_loaders_and_transfer(cifar10_root, tiny_counts):
     assert len(val) == 1 and torch.equal(val[0][1], dm.test_labels)
 
 
+def test_exclude_subset_trains_only_on_images_the_subset_left_out(cifar10_root, tiny_counts):
+    root, (data, _), _ = cifar10_root
+    seen = CIFAR10DataModule(data_dir=str(root), train_subset=50)
+    unseen = CIFAR10DataModule(data_dir=str(root), train_subset=50, exclude_subset=50)
+    rest = CIFAR10DataModule(data_dir=str(root), exclude_subset=50)
+    for dm in (seen, unseen, rest):
+        dm.setup("fit")
+    seen_idx, unseen_idx = set(seen.train_indices.tolist()), set(unseen.train_indices.tolist())
+    assert len(seen_idx) == len(unseen_idx) == 50 and not seen_idx & unseen_idx
+    # Still class-stratified, and the images are the source's at those positions.
+    assert torch.bincount(unseen.train_labels, minlength=10).tolist() == [5] * 10
+    assert torch.equal(unseen.train_images, torch.as_tensor(data).reshape(-1, 3, 32, 32)[unseen.train_indices])
+    # Without train_subset: everything but the excluded 50.
+    assert set(rest.train_indices.tolist()) == set(range(200)) - seen_idx
+    with pytest.raises(ValueError, match="exclude_subset"):
+        CIFAR10DataModule(data_dir=str(root), exclude_subset=0)
+    with pytest.raises(ValueError, match="exclude_subset .200. leaves none"):
+        CIFAR10DataModule(data_dir=str(root), exclude_subset=200).setup("fit")
+
+
 def test_protect_dataloader_is_full_clean_and_ordered(cifar10_root, tiny_counts):
     root, (data, labels), _ = cifar10_root
     dm = CIFAR10DataModule(data_dir=str(root), train_subset=30, train_filter=Invert())
@@ -552,3 +572,15 @@ def test_real_cifar10_counts_and_balance():
     assert torch.bincount(dm.train_labels).tolist() == [5000] * 10
     assert torch.bincount(dm.test_labels).tolist() == [1000] * 10
     assert label_names(REAL_DATA, "cifar10")[:2] == ["airplane", "automobile"]
+
+
+def test_imagenet_exclude_subset(image_tree):
+    def train_paths(**kwargs):
+        dm = ImageNetSubsetDataModule(data_dir=str(image_tree), num_classes=4, image_size=32, **kwargs)
+        dm.setup("fit")
+        return {p.name for p, _ in dm.train_samples}, dm.train_labels
+
+    seen, _ = train_paths(train_subset=8)
+    unseen, labels = train_paths(train_subset=8, exclude_subset=8)
+    assert len(seen) == len(unseen) == 8 and not seen & unseen
+    assert torch.bincount(labels, minlength=4).tolist() == [2] * 4

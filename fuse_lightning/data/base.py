@@ -286,6 +286,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             `protected_dir` is set.
         test_subset: Evaluate on a class-stratified, seeded subset of this many test images.
         subset_seed: Seed of the subset choice.
+        exclude_subset: Leave out the training images that `train_subset` of this size picks
+            (same `subset_seed`) before choosing `train_subset` from the rest: a victim trained
+            with `exclude_subset` = the generator's `train_subset` sees only images the
+            generator never saw. None leaves nothing out.
         augment: Augment training batches (what that means is the dataset's choice).
         train_filter: Attacker preprocessing of the training images, as a filter (e.g.
             `LowPass`) or its name (e.g. "lowpass-ideal-0.25", "jpeg-10"): the attacker filters
@@ -315,6 +319,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         subset_seed: int = 0,
+        exclude_subset: int | None = None,
         augment: bool = True,
         train_filter: ImageFilter | str | None = None,
         test_filter: ImageFilter | str | None = None,
@@ -323,6 +328,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
         verify_manifest: bool = True,
     ) -> None:
         super().__init__()
+        if exclude_subset is not None and exclude_subset <= 0:
+            raise ValueError(f"data.exclude_subset must be positive or null, got {exclude_subset}")
         # The arguments of the subclass's constructor (the CLI's config when built by it); the
         # filters by name, so that a checkpoint holds plain data only.
         self.save_hyperparameters(ignore=["train_filter", "test_filter"], logger=False)
@@ -336,6 +343,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.train_subset = train_subset
         self.test_subset = test_subset
         self.subset_seed = subset_seed
+        self.exclude_subset = exclude_subset
         self.augment = augment
         # A filter may be given by name ("lowpass-ideal-0.25", "jpeg-10"), as sweeps do.
         self.train_filter = filter_from_name(train_filter) if isinstance(train_filter, str) else train_filter
@@ -390,6 +398,21 @@ class ImageClassificationDataModule(L.LightningDataModule):
         if size is None or size >= len(labels):
             return None
         return stratified_subset_indices(labels, size, self.subset_seed)
+
+    def _train_subset_indices(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Positions of the training examples in use: the `train_subset` choice among those
+        `exclude_subset` leaves; None when all are kept."""
+        if self.exclude_subset is None:
+            return self._subset_indices(labels, self.train_subset)
+        if self.exclude_subset >= len(labels):
+            raise ValueError(
+                f"data.exclude_subset ({self.exclude_subset}) leaves none of the {len(labels)} training images"
+            )
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[stratified_subset_indices(labels, self.exclude_subset, self.subset_seed)] = False
+        rest = torch.nonzero(keep).reshape(-1)
+        chosen = self._subset_indices(labels[rest], self.train_subset)
+        return rest if chosen is None else rest[chosen]
 
     def _verify_protected(self) -> None:
         """Check `protected_dir` against its manifest unless `verify_manifest` is false."""

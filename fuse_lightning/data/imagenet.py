@@ -156,6 +156,8 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             the protected copy when `protected_dir` is set.
         test_subset: Same for the validation images.
         subset_seed: Seed of the subset choice.
+        exclude_subset: Leave out the training images that `train_subset` of this size picks
+            before choosing `train_subset` (images a generator trained on that subset never saw).
         augment: RandomResizedCrop + flip for training; False uses the evaluation transform.
         train_filter: Attacker preprocessing of training batches, applied on the device.
         test_filter: Attacker preprocessing of evaluation batches, applied on the device.
@@ -179,6 +181,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         subset_seed: int = 0,
+        exclude_subset: int | None = None,
         augment: bool = True,
         train_filter: ImageFilter | str | None = None,
         test_filter: ImageFilter | str | None = None,
@@ -193,6 +196,7 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
             train_subset=train_subset,
             test_subset=test_subset,
             subset_seed=subset_seed,
+            exclude_subset=exclude_subset,
             augment=augment,
             train_filter=train_filter,
             test_filter=test_filter,
@@ -263,7 +267,8 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
                 train = list_image_folder(self._protected_root(self.protected_dir), self.classes)
             else:
                 train = self.source_train_samples()
-            self._train_samples = self._subset_samples(train, self.train_subset)
+            idx = self._train_subset_indices(self._labels(train))
+            self._train_samples = train if idx is None else [train[i] for i in idx.tolist()]
 
     @property
     def train_samples(self) -> list[tuple[Path, int]]:

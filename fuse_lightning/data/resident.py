@@ -42,6 +42,8 @@ class ResidentImageDataModule(ImageClassificationDataModule):
             `protected_dir` is set.
         test_subset: Evaluate on a class-stratified, seeded subset of this many test images.
         subset_seed: Seed of the subset choice.
+        exclude_subset: Leave out the training images that `train_subset` of this size picks
+            before choosing `train_subset` (images a generator trained on that subset never saw).
         augment: Random crop (4-pixel padding) + horizontal flip of training batches, done per
             batch on the device.
         pad_mode: Padding of the random crop: "zeros" (torchvision `RandomCrop(32, padding=4)`,
@@ -72,6 +74,7 @@ class ResidentImageDataModule(ImageClassificationDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         subset_seed: int = 0,
+        exclude_subset: int | None = None,
         augment: bool = True,
         pad_mode: Literal["zeros", "reflect"] = "zeros",
         train_filter: ImageFilter | str | None = None,
@@ -92,6 +95,7 @@ class ResidentImageDataModule(ImageClassificationDataModule):
             train_subset=train_subset,
             test_subset=test_subset,
             subset_seed=subset_seed,
+            exclude_subset=exclude_subset,
             augment=augment,
             train_filter=train_filter,
             test_filter=test_filter,
@@ -165,7 +169,9 @@ class ResidentImageDataModule(ImageClassificationDataModule):
                 loaded = self._read_protected(self.protected_dir)
             else:
                 loaded = self._source_train()
-            train, self.train_indices = self._subset(loaded, self.train_subset)
+            self.train_indices = self._train_subset_indices(loaded[1])
+            idx = self.train_indices
+            train = loaded if idx is None else (loaded[0][idx], loaded[1][idx])
             self._train = (_apply_filter(train[0], self.train_filter), train[1])
 
     # ----------------------------------------------------------------- loaders
