@@ -120,6 +120,27 @@ def test_victim_command(basic: S.Sweep, tmp_path: Path):
     assert value(S.victim_command(basic, run, "/data"), "--data.init_args.test_filter") == "lowpass-ideal-0.5"
 
 
+def test_arch_and_method_victim_overrides(tmp_path: Path):
+    text = BASIC.replace(
+        "  overrides: {trainer.max_epochs: 1}\n",
+        "  overrides: {trainer.max_epochs: 1}\n  arch_overrides: {resnet18: {trainer.max_epochs: 3, model.init_args.lr: 0.01}}\n",
+    ).replace("  clean: {}\n", "  clean: {}\n  unseen: {victim_overrides: {data.init_args.exclude_subset: 500, model.init_args.lr: 0.2}}\n")
+    sweep = S.load_sweep(write_sweep(tmp_path, text.replace("[noise, clean]", "[noise, unseen]")))
+    runs = {r.run_id: r for r in S.expand_grid(sweep)}
+    plain = S.victim_command(sweep, runs["noise__fastnet__none__s0"], "/d")
+    assert value(plain, "--trainer.max_epochs") == "1" and "--model.init_args.lr" not in plain
+    wide = S.victim_command(sweep, runs["noise__resnet18__none__s0"], "/d")
+    assert value(wide, "--trainer.max_epochs") == "3" and value(wide, "--model.init_args.lr") == "0.01"
+    unseen = S.victim_command(sweep, runs["unseen__resnet18__none__s0"], "/d")  # the method's come last
+    assert value(unseen, "--data.init_args.exclude_subset") == "500" and value(unseen, "--model.init_args.lr") == "0.2"
+    # Without the new keys, commands (and so the keys of finished runs) are unchanged.
+    basic = S.load_sweep(write_sweep(tmp_path, BASIC, "b.yaml"))
+    assert S.victim_command(basic, runs["noise__fastnet__none__s0"], "/d") == plain
+    bad = write_sweep(tmp_path, text.replace("{resnet18: {", "{resnet9000: {"), "bad.yaml")
+    with pytest.raises(S.SweepError, match="arch_overrides.*resnet9000"):
+        S.load_sweep(bad)
+
+
 def test_prepare_commands_derive_every_path(basic: S.Sweep, tmp_path: Path):
     noise, gen = basic.methods["noise"], basic.methods["gen"]
     cmd = S.prepare_command(noise, "/d")

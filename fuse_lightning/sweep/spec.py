@@ -37,10 +37,13 @@ class VictimSpec:
     Attributes:
         configs: Config files, composed in order (the last wins).
         overrides: Dotted overrides after the configs, e.g. `{trainer.max_epochs: 10}`.
+        arch_overrides: Architecture -> dotted overrides after `overrides` for the grid points
+            of that architecture, e.g. `{resnet18: {model.init_args.arch_kwargs: {width: 32}}}`.
     """
 
     configs: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    arch_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,6 +58,9 @@ class MethodSpec:
         overrides: Dotted overrides of the command, e.g. `{model.init_args.rsm.enabled: false}`.
         protected_dir: An existing protected set (with manifest.json) made elsewhere.
         from_sweep: Another sweep file: use its method of the same name and that method's set.
+        victim_overrides: Dotted overrides of this method's victims, last of all, e.g.
+            `{data.init_args.exclude_subset: 5000}` to train them on images a generator trained
+            on a 5000-image subset never saw.
         description: Free text.
     """
 
@@ -63,6 +69,7 @@ class MethodSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     protected_dir: str | None = None
     from_sweep: str | None = None
+    victim_overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
 
@@ -250,6 +257,10 @@ def resolve(spec: SweepSpec, path: Path, stack: tuple[Path, ...] = ()) -> Sweep:
     sweep = Sweep(spec, path, methods)
     for key in GRID_KEYS:
         _check_grid(sweep, key, getattr(spec.grid, key))
+    from fuse_lightning.nets import available_classifiers
+
+    if unknown := sorted(set(spec.victim.arch_overrides) - set(available_classifiers())):
+        raise SweepError(f"{path}: victim.arch_overrides: unknown {unknown}; available: {available_classifiers()}")
     for pair in spec.compare:  # pairs outside a narrowed grid (--grid.method) simply have no rows
         if len(pair) != 2 or any(m not in spec.methods for m in pair):
             raise SweepError(f"{path}: compare: {pair!r} is not a pair of defined methods ({sorted(spec.methods)})")
@@ -363,9 +374,10 @@ def prepare_command(method: Method, data_dir: str | os.PathLike) -> list[str] | 
 
 def victim_command(sweep: Sweep, run: Run, data_dir: str | os.PathLike) -> list[str]:
     """The `fit` of one victim: logs, checkpoints and `result.json` (ResultWriter) land in `run.run_dir`."""
-    victim = sweep.spec.victim
-    words = cli_command("fit", victim.configs, victim.overrides) + ["--data.init_args.data_dir", str(data_dir)]
-    protected = sweep.methods[run.method].protected_dir
+    victim, method = sweep.spec.victim, sweep.methods[run.method]
+    overrides = {**victim.overrides, **victim.arch_overrides.get(run.arch, {}), **method.spec.victim_overrides}
+    words = cli_command("fit", victim.configs, overrides) + ["--data.init_args.data_dir", str(data_dir)]
+    protected = method.protected_dir
     if protected is not None:
         words += ["--data.init_args.protected_dir", str(protected)]
     if run.filter != "none":
