@@ -68,6 +68,20 @@ def test_resnet18_stems() -> None:
         assert large(torch.randn(1, 3, 224, 224)).shape == (1, 10)
 
 
+def test_narrow_resnet18() -> None:
+    full, narrow = build_classifier("resnet18", 10), build_classifier("resnet18", 10, width=16, in_channels=1)
+    # Parameters scale with the square of the width: 16 of 64 channels gives ~1/16.
+    assert 0.05 < _n_params(narrow) / _n_params(full) < 0.07
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].stride == (1, 1) and convs[0].in_channels == 1  # the CIFAR stem
+    assert sum(1 for c in convs if c.kernel_size == (3, 3)) == 17  # stem + 8 blocks x 2
+    assert max(c.out_channels for c in convs) == 128
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="small images"):
+        build_classifier("resnet18", 10, image_size=224, width=16)
+
+
 def test_small_image_variants() -> None:
     vgg = build_classifier("vgg16_bn", 10, image_size=32)
     assert _n_params(vgg) < 20e6  # no 7x7x512 -> 4096 classifier

@@ -58,8 +58,26 @@ def _resnet(
     return model
 
 
+def _narrow_resnet18(num_classes: int, in_channels: int, width: int) -> nn.Module:
+    """ResNet-18 with stage widths width, 2, 4 and 8 x width and the CIFAR stem (torchvision blocks)."""
+    from torchvision.models.resnet import BasicBlock, conv1x1
+
+    layers: list[nn.Module] = [_conv(in_channels, width, 3), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+    planes_in = width
+    for stage, planes in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            down = None
+            if stride != 1 or planes_in != planes:
+                down = nn.Sequential(conv1x1(planes_in, planes, stride), nn.BatchNorm2d(planes))
+            layers.append(BasicBlock(planes_in, planes, stride, down))
+            planes_in = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes_in, num_classes)]
+    return nn.Sequential(*layers)
+
+
 def build_resnet18(
-    num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs: Any
+    num_classes: int, image_size: int = 32, in_channels: int = 3, width: int = 64, **kwargs: Any
 ) -> nn.Module:
     """ResNet-18 (torchvision) with a CIFAR stem for small images.
 
@@ -67,8 +85,14 @@ def build_resnet18(
         num_classes: Number of output logits.
         image_size: Input side length; <= 64 selects the 3x3 stride-1 stem without max-pool.
         in_channels: Number of input channels.
-        **kwargs: Passed to ``torchvision.models.resnet18``.
+        width: Channels of the first stage (64 is the standard net; the stages double it). A
+            narrower net (e.g. 16: 1/16 of the FLOPs) is for CPU budgets; small images only.
+        **kwargs: Passed to ``torchvision.models.resnet18`` (width 64 only).
     """
+    if width != 64:
+        if not _is_small(image_size) or kwargs:
+            raise ValueError("resnet18: a width other than 64 is for small images, without other options")
+        return _narrow_resnet18(num_classes, in_channels, width)
     return _resnet(models.resnet18, num_classes, image_size, in_channels, **kwargs)
 
 
