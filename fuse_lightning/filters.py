@@ -14,6 +14,8 @@ Name patterns (numbers written with ``%g``; radii are fractions of the Nyquist f
 * ``bandpass-<kind>-<low>-<high>``, ``bandstop-<kind>-<low>-<high>``
 * ``randband-<width>`` (seed 0) or ``randband-<width>-s<seed>``
 * ``gaussblur-<sigma>`` (sigma in pixels)
+* ``<name>+<name>[+...]``: the filters in order, e.g. ``grayscale+jpeg-10`` (an attacker who
+  converts to grayscale and then saves as JPEG)
 
 with ``<kind>`` one of ``ideal``, ``gaussian``, ``butterworth`` (order 2) or
 ``butterworth<order>``. When parsing, ``gauss`` and ``butter[<order>]`` are accepted for the
@@ -38,6 +40,7 @@ __all__ = [
     "JPEG",
     "BandPass",
     "BandStop",
+    "FilterChain",
     "FilterSpec",
     "GaussianBlur",
     "Grayscale",
@@ -59,7 +62,7 @@ class FilterSpec:
 
     Attributes:
         family: ``none``, ``grayscale``, ``jpeg``, ``lowpass``, ``highpass``, ``bandpass``,
-            ``bandstop``, ``randband`` or ``gaussblur``.
+            ``bandstop``, ``randband``, ``gaussblur`` or ``chain``.
         kind: Transfer function of the radial spectral families: ``ideal``, ``gaussian`` or
             ``butterworth``.
         order: Butterworth order (2 unless written ``butterworth<order>``); None otherwise.
@@ -70,6 +73,7 @@ class FilterSpec:
         seed: Seed of ``randband``.
         quality: JPEG quality.
         sigma: Blur standard deviation of ``gaussblur`` (pixels).
+        parts: The filters of a ``chain``, applied in order.
     """
 
     family: str
@@ -82,6 +86,7 @@ class FilterSpec:
     seed: int | None = None
     quality: int | None = None
     sigma: float | None = None
+    parts: tuple[FilterSpec, ...] | None = None
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -119,6 +124,8 @@ class FilterSpec:
             return f"randband-{self.width:g}" + (f"-s{self.seed}" if self.seed else "")
         if f == "gaussblur":
             return f"gaussblur-{self.sigma:g}"
+        if f == "chain":
+            return "+".join(part.name for part in self.parts)
         raise ValueError(f"unknown filter family {f!r}")
 
     def build(self) -> ImageFilter:
@@ -143,6 +150,8 @@ class FilterSpec:
             return RandomBandStop(self.width, seed=0 if self.seed is None else self.seed)
         if f == "gaussblur":
             return GaussianBlur(self.sigma)
+        if f == "chain":
+            return FilterChain([part.build() for part in self.parts])
         raise ValueError(f"unknown filter family {f!r}")
 
 
@@ -434,6 +443,35 @@ class Grayscale(ImageFilter):
         return TF.rgb_to_grayscale(x, num_output_channels=1).expand_as(x).contiguous()
 
 
+class FilterChain(ImageFilter):
+    """Filters applied in order, each result saved as 8-bit images before the next.
+
+    Name: the filters' names joined by ``+``, e.g. ``grayscale+jpeg-10`` (the ISS attacker who
+    converts to grayscale and then compresses).
+
+    Args:
+        filters: Two or more filters, first applied first.
+    """
+
+    def __init__(self, filters: list[ImageFilter]) -> None:
+        super().__init__()
+        if len(filters) < 2:
+            raise ValueError(f"a filter chain needs two or more filters, got {len(filters)}")
+        self.filters = nn.ModuleList(filters)
+        self.per_image = any(f.per_image for f in filters)
+
+    @property
+    def spec(self) -> FilterSpec:
+        return FilterSpec("chain", parts=tuple(f.spec for f in self.filters))
+
+    def filter(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        for i, f in enumerate(self.filters):
+            x = f(x, index) if f.per_image else f(x)
+            if i < len(self.filters) - 1:
+                x = (x * 255.0).round() / 255.0  # the attacker saves each step as 8-bit images
+        return x
+
+
 # ---------------------------------------------------------------------------------- parsing
 
 _NUM = r"(\d+(?:\.\d*)?(?:e-?\d+)?)"
@@ -451,6 +489,7 @@ FILTER_PATTERNS = (
     "bandstop-<kind>-<low>-<high>",
     "randband-<width>[-s<seed>]",
     "gaussblur-<sigma>",
+    "<name>+<name>[+...]",
 )
 _ACCEPTED = (
     ", ".join(FILTER_PATTERNS)
@@ -505,7 +544,8 @@ def parse_filter_name(name: str) -> FilterSpec:
         ValueError: For an unknown pattern (the message lists the accepted forms) or an
             out-of-range parameter.
     """
-    spec = _match(str(name).strip().lower())
+    parts = [_match(part.strip()) for part in str(name).strip().lower().split("+")]
+    spec = parts[0] if len(parts) == 1 else None if None in parts else FilterSpec("chain", parts=tuple(parts))
     if spec is None:
         raise ValueError(f"unknown filter name {name!r}; accepted forms: {_ACCEPTED}")
     try:

@@ -73,6 +73,8 @@ def test_grayscale_luma(x):
 # One canonical name per family and kind; every one must survive name -> filter -> name.
 CANONICAL_NAMES = [
     "none",
+    "grayscale+jpeg-10",
+    "randband-0.25-s1+lowpass-ideal-0.5",
     "grayscale",
     "jpeg-10",
     "lowpass-ideal-0.25",
@@ -122,12 +124,30 @@ def test_every_name_round_trips(name):
 
 def test_every_pattern_and_family_is_covered():
     families = {fl.parse_filter_name(n).family for n in CANONICAL_NAMES}
-    assert families == {p.split("-")[0] for p in fl.FILTER_PATTERNS}
+    assert families == {"chain" if "+" in p else p.split("-")[0] for p in fl.FILTER_PATTERNS}
     classes = {type(fl.filter_from_name(n)) for n in CANONICAL_NAMES}
     exported = {getattr(fl, n) for n in fl.__all__}
     assert classes == {c for c in exported if isinstance(c, type) and issubclass(c, fl.ImageFilter)} - {
         fl.ImageFilter
     }
+
+
+def test_a_chain_applies_its_filters_in_order_saving_8_bit_images(x):
+    chain = fl.filter_from_name("grayscale+jpeg-10")
+    assert isinstance(chain, fl.FilterChain) and not chain.per_image
+    grey = (fl.Grayscale()(x) * 255).round() / 255
+    assert torch.equal(chain(x), fl.JPEG(10)(grey))
+    assert torch.equal(chain(x)[:, 0], chain(x)[:, 2])  # JPEG of a grey image stays grey
+    # Order matters: JPEG first leaves JPEG's chroma error in the grey image, not the reverse.
+    assert not torch.equal(fl.filter_from_name("jpeg-10+grayscale")(x), chain(x))
+    per_image = fl.filter_from_name("randband-0.25+grayscale")
+    assert per_image.per_image
+    idx = torch.tensor([5, 9, 2, 7])[: x.shape[0]]
+    assert torch.equal(per_image(x, idx), fl.Grayscale()((fl.RandomBandStop(0.25)(x, idx) * 255).round() / 255))
+    with pytest.raises(ValueError, match="two or more"):
+        fl.FilterChain([fl.Grayscale()])
+    with pytest.raises(ValueError, match="unknown filter name 'grayscale\\+jpg-10'"):
+        fl.parse_filter_name("grayscale+jpg-10")
 
 
 def test_spec_fields():
