@@ -31,6 +31,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("mobilenet_v2", {"width_mult": 0.5}),
     ("mobilenet_v2", {}),
     ("vit_small", {"hidden_dim": 192, "mlp_dim": 384, "num_layers": 4, "num_heads": 4}),
+    ("vgg16_bn", {"width": 0.25}),
     ("vgg16_bn", {}),
 ]
 

@@ -82,6 +82,17 @@ def test_narrow_resnet18() -> None:
         build_classifier("resnet18", 10, image_size=224, width=16)
 
 
+def test_narrow_vgg16_bn() -> None:
+    full, narrow = build_classifier("vgg16_bn", 10), build_classifier("vgg16_bn", 10, width=0.25, in_channels=1)
+    assert 0.05 < _n_params(narrow) / _n_params(full) < 0.07  # a quarter of the channels: ~1/16
+    convs = [m for m in narrow.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and [convs[0].in_channels, convs[0].out_channels, convs[-1].out_channels] == [1, 16, 128]
+    with torch.no_grad():
+        assert narrow.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="small images"):
+        build_classifier("vgg16_bn", 10, image_size=224, width=0.25)
+
+
 def test_small_image_variants() -> None:
     vgg = build_classifier("vgg16_bn", 10, image_size=32)
     assert _n_params(vgg) < 20e6  # no 7x7x512 -> 4096 classifier

@@ -113,11 +113,11 @@ def build_resnet50(
 class _GapVGG(nn.Module):
     """VGG features followed by global average pooling and a single linear layer."""
 
-    def __init__(self, features: nn.Module, num_classes: int) -> None:
+    def __init__(self, features: nn.Module, num_classes: int, channels: int = 512) -> None:
         super().__init__()
         self.features = features
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(512, num_classes)
+        self.classifier = nn.Linear(channels, num_classes)
         nn.init.normal_(self.classifier.weight, 0.0, 0.01)
         nn.init.zeros_(self.classifier.bias)
 
@@ -126,28 +126,33 @@ class _GapVGG(nn.Module):
 
 
 def build_vgg16_bn(
-    num_classes: int, image_size: int = 32, in_channels: int = 3, **kwargs: Any
+    num_classes: int, image_size: int = 32, in_channels: int = 3, width: float = 1.0, **kwargs: Any
 ) -> nn.Module:
-    """VGG-16 with batch norm; small images use a GAP + Linear(512) head.
+    """VGG-16 with batch norm; small images use a GAP + Linear head.
 
     Args:
         num_classes: Number of output logits.
         image_size: Input side length; <= 64 replaces the 7x7x512 -> 4096 -> 4096 classifier
             (~120M parameters) by global average pooling and one linear layer.
         in_channels: Number of input channels.
+        width: Channel multiplier of every conv layer (small images only; 0.25 gives 16..128
+            channels and ~1/16 of the FLOPs, for CPU budgets).
         **kwargs: Passed to ``torchvision.models.vgg16_bn`` (large images only).
     """
     if not _is_small(image_size):
+        if width != 1.0:
+            raise ValueError("vgg16_bn: width applies to small images only")
         model = models.vgg16_bn(num_classes=num_classes, weights=None, **kwargs)
     else:
         # why: build the features directly so the 100M-parameter classifier is never allocated.
-        model = _GapVGG(models.vgg.make_layers(models.vgg.cfgs["D"], batch_norm=True), num_classes)
+        cfg = [v if v == "M" else max(1, round(v * width)) for v in models.vgg.cfgs["D"]]
+        model = _GapVGG(models.vgg.make_layers(cfg, batch_norm=True), num_classes, channels=cfg[-2])
         for m in model.features.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
     if in_channels != 3:
-        model.features[0] = _conv(in_channels, 64, 3, bias=True)
+        model.features[0] = _conv(in_channels, model.features[0].out_channels, 3, bias=True)
     return model
 
 
