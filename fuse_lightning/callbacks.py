@@ -52,6 +52,9 @@ class ProtectOnFitEnd(L.Callback):
         artifact_name: Its name; default: `<run directory name>-protected`, or the name of
             `out_dir`.
         artifact_aliases: Extra aliases of the artifact (W&B adds `latest`).
+        whole_training_set: Export every training image of the source, not only the
+            `data.train_subset` the generator trained on (a generator is a function of the
+            image: it protects images it never saw).
     """
 
     def __init__(
@@ -63,8 +66,10 @@ class ProtectOnFitEnd(L.Callback):
         log_artifact: bool = True,
         artifact_name: str | None = None,
         artifact_aliases: list[str] | None = None,
+        whole_training_set: bool = False,
     ) -> None:
         self.out_dir = out_dir
+        self.whole_training_set = whole_training_set
         self.overwrite = overwrite
         self.mode = mode
         self.enabled = enabled
@@ -94,6 +99,7 @@ class ProtectOnFitEnd(L.Callback):
                 manifest=run_manifest(pl_module, datamodule, mode=self.mode or pl_module.hparams.mode, trainer=trainer),
                 overwrite=self.overwrite,
                 device=device,
+                subset_only=not self.whole_training_set,
             )
         finally:
             pl_module.cpu()

@@ -181,6 +181,7 @@ def protect_dataset(
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
     progress: bool = True,
+    subset_only: bool = True,
 ) -> Path:
     """Perturb a DataModule's whole training set and export it in the source's format.
 
@@ -195,6 +196,8 @@ def protect_dataset(
         device: Where `perturb_fn` runs.
         batch_size: Protection batch size (default: the DataModule's eval batch size).
         progress: Show a progress bar.
+        subset_only: Export only the DataModule's `train_subset` (when set), the images a
+            method was fitted on; false exports every training image of the source.
 
     Returns:
         The final output directory.
@@ -202,7 +205,7 @@ def protect_dataset(
     with atomic_output_dir(out_dir, overwrite) as (final, tmp):
         datamodule.setup("fit")
         # The training set the run was configured with (its `train_subset`, if any), clean.
-        loader = datamodule.protect_dataloader(batch_size=batch_size, use_subset=True)
+        loader = datamodule.protect_dataloader(batch_size=batch_size, use_subset=subset_only)
         meter = FidelityMeter(device)
         # Formats with one file per image (PNG trees) are written batch by batch; pickled
         # batches (CIFAR) need the whole set, which is small.

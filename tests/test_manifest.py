@@ -104,3 +104,19 @@ def test_failed_export_and_killed_exports_leave_no_temp_dirs(tiny_cifar10: Path,
     alive.mkdir()
     out = protect_dataset(tiny_dm(tiny_cifar10), plus_two, tmp_path / "p", eps=8, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, alive.name])
+
+
+def test_export_of_the_subset_or_of_the_whole_training_set(tiny_cifar10: Path, tmp_path: Path):
+    subset = protect_dataset(tiny_dm(tiny_cifar10, train_subset=50), plus_two, tmp_path / "s", eps=8, progress=False)
+    whole = protect_dataset(
+        tiny_dm(tiny_cifar10, train_subset=50), plus_two, tmp_path / "w", eps=8, progress=False, subset_only=False
+    )
+    assert json.loads((subset / "manifest.json").read_text())["num_images"] == 50
+    assert json.loads((whole / "manifest.json").read_text())["num_images"] == 200
+    clean = tiny_dm(tiny_cifar10)
+    protected = tiny_dm(tiny_cifar10, protected_dir=str(whole))
+    clean.setup("fit"), protected.setup("fit")
+    # Every image, inside the subset or not, carries the perturbation (+2 where not clipped at 255).
+    diff = protected.train_images.int() - clean.train_images.int()
+    assert torch.equal(protected.train_labels, clean.train_labels)
+    assert set(diff.unique().tolist()) <= {0, 1, 2} and bool((diff.flatten(1) == 2).any(1).all())
