@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 OVERLAYS = {  # composed after a base config, holding only what differs from it
     "fuse_cifar10_cpu.yaml": "fuse_cifar10.yaml",
+    "fuse_cifar10_cpu_whole_set.yaml": "fuse_cifar10_cpu.yaml",
     "fuse_cifar100.yaml": "fuse_cifar10.yaml",
     "victim_cpu.yaml": "victim_cifar10.yaml",
     "victim_fast_cpu.yaml": "victim_cifar10.yaml",
@@ -24,9 +25,9 @@ OVERLAYS = {  # composed after a base config, holding only what differs from it
 
 
 def composed(config: str) -> list[Path]:
-    """The config files a shipped config is used with, in order: its base (if any), then itself."""
+    """The config files a shipped config is used with, in order: its bases (if any), then itself."""
     base = OVERLAYS.get(config)
-    return [REPO / "configs" / name for name in ((base,) if base else ()) + (config,)]
+    return [*(composed(base) if base else []), REPO / "configs" / config]
 
 
 def config_args(configs: list[Path]) -> list[str]:
