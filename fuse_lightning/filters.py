@@ -35,6 +35,12 @@ from torchvision.io import decode_jpeg, encode_jpeg
 
 from fuse_lightning import spectral
 
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [0, 1] as saved 8-bit images: rounded to the nearest level and clamped."""
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
 __all__ = [
     "FILTER_PATTERNS",
     "JPEG",
@@ -52,6 +58,7 @@ __all__ = [
     "apply_filter_uint8",
     "filter_from_name",
     "parse_filter_name",
+    "to_uint8",
 ]
 
 @dataclass(frozen=True)
@@ -424,7 +431,7 @@ class JPEG(ImageFilter):
     def filter(self, x: Tensor) -> Tensor:
         if x.shape[1] not in (1, 3):
             raise ValueError(f"JPEG needs 1 or 3 channels, got {x.shape[1]}")
-        images = (x.detach().float() * 255.0).round().clamp(0, 255).to(torch.uint8).cpu()
+        images = to_uint8(x.detach().float()).cpu()
         encoded = encode_jpeg(list(images), quality=self.quality)
         decoded = torch.stack(decode_jpeg(encoded))
         return decoded.to(device=x.device, dtype=x.dtype) / 255.0
@@ -468,7 +475,7 @@ class FilterChain(ImageFilter):
         for i, f in enumerate(self.filters):
             x = f(x, index) if f.per_image else f(x)
             if i < len(self.filters) - 1:
-                x = (x * 255.0).round() / 255.0  # the attacker saves each step as 8-bit images
+                x = to_uint8(x).to(x.dtype) / 255.0  # the attacker saves each step as 8-bit images
         return x
 
 
@@ -606,5 +613,5 @@ def apply_filter_uint8(
     for i in range(0, n, batch_size):
         chunk = images_uint8[i : i + batch_size].float() / 255.0
         y = f(chunk, indices[i : i + batch_size]) if per_image else f(chunk)
-        out[i : i + batch_size] = (y * 255.0).round().clamp(0, 255).to(torch.uint8)
+        out[i : i + batch_size] = to_uint8(y)
     return out

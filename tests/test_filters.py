@@ -132,6 +132,12 @@ def test_every_pattern_and_family_is_covered():
     }
 
 
+def test_to_uint8_rounds_to_the_nearest_level_and_clamps():
+    x = torch.tensor([-0.2, 0.0, 0.49 / 255, 0.51 / 255, 100.4 / 255, 1.0, 1.3])
+    assert fl.to_uint8(x).tolist() == [0, 0, 0, 1, 100, 255, 255]
+    assert fl.to_uint8(x).dtype == torch.uint8
+
+
 def test_a_chain_applies_its_filters_in_order_saving_8_bit_images(x):
     chain = fl.filter_from_name("grayscale+jpeg-10")
     assert isinstance(chain, fl.FilterChain) and not chain.per_image
@@ -143,7 +149,8 @@ def test_a_chain_applies_its_filters_in_order_saving_8_bit_images(x):
     per_image = fl.filter_from_name("randband-0.25+grayscale")
     assert per_image.per_image
     idx = torch.tensor([5, 9, 2, 7])[: x.shape[0]]
-    assert torch.equal(per_image(x, idx), fl.Grayscale()((fl.RandomBandStop(0.25)(x, idx) * 255).round() / 255))
+    saved = fl.to_uint8(fl.RandomBandStop(0.25)(x, idx)).float() / 255  # clamped, as a PNG is
+    assert torch.equal(per_image(x, idx), fl.Grayscale()(saved))
     with pytest.raises(ValueError, match="two or more"):
         fl.FilterChain([fl.Grayscale()])
     with pytest.raises(ValueError, match="unknown filter name 'grayscale\\+jpg-10'"):

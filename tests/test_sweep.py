@@ -625,7 +625,7 @@ def test_every_command_of_shipped_sweeps_composes(path: Path, monkeypatch, capsy
         if method.spec.command:
             commands.append(S.prepare_command(method, "data"))
             prepared_at.append(i)
-    for cmd, position in zip(commands, prepared_at):
+    for cmd, position in zip(commands, prepared_at, strict=True):
         args = cmd[cmd.index("fuse_lightning") + 1:]
         if args[0] == "fit":
             with pytest.raises(SystemExit) as exit_info:

@@ -251,8 +251,9 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
     def _labels(samples: Sequence[tuple[Path, int]]) -> torch.Tensor:
         return torch.tensor([label for _, label in samples], dtype=torch.long)
 
-    def _subset_samples(self, samples: list[tuple[Path, int]], size: int | None):
-        idx = None if size is None else self._subset_indices(self._labels(samples), size)
+    @staticmethod
+    def _take(samples: list[tuple[Path, int]], idx: torch.Tensor | None) -> list[tuple[Path, int]]:
+        """The samples at positions `idx` (all when None)."""
         return samples if idx is None else [samples[i] for i in idx.tolist()]
 
     # ----------------------------------------------------------------- setup
@@ -260,15 +261,15 @@ class ImageNetSubsetDataModule(ImageClassificationDataModule):
         """Build the file lists (class subset, protected copy, subsets); nothing is decoded."""
         if self._test_samples is None:
             val = list_image_folder(Path(self.data_dir) / "val", self.classes)
-            self._test_samples = self._subset_samples(val, self.test_subset)
+            test_idx = self._subset_indices(self._labels(val), self.test_subset)
+            self._test_samples = self._take(val, test_idx)
         if stage in (None, "fit") and self._train_samples is None:
             if self.protected_dir is not None:
                 self._verify_protected()
                 train = list_image_folder(self._protected_root(self.protected_dir), self.classes)
             else:
                 train = self.source_train_samples()
-            idx = self._train_subset_indices(self._labels(train))
-            self._train_samples = train if idx is None else [train[i] for i in idx.tolist()]
+            self._train_samples = self._take(train, self._train_subset_indices(self._labels(train)))
 
     @property
     def train_samples(self) -> list[tuple[Path, int]]:

@@ -144,14 +144,12 @@ class ResidentImageDataModule(ImageClassificationDataModule):
         return self._require(self._test, "the test set")[1]
 
     # ----------------------------------------------------------------- setup
-    def _subset(
-        self, split: tuple[torch.Tensor, torch.Tensor], size: int | None
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
-        images, labels = split
-        idx = self._subset_indices(labels, size)
-        if idx is None:
-            return split, None
-        return (images[idx], labels[idx]), idx
+    @staticmethod
+    def _take(
+        split: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples of `split` at positions `idx` (all when None)."""
+        return split if idx is None else (split[0][idx], split[1][idx])
 
     def _source_train(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._source_train_cache is None:
@@ -161,7 +159,8 @@ class ResidentImageDataModule(ImageClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Load (subset, filter) the test set, and the training set unless only evaluating."""
         if self._test is None:
-            test, _ = self._subset(self._load_split("test"), self.test_subset)
+            test = self._load_split("test")
+            test = self._take(test, self._subset_indices(test[1], self.test_subset))
             self._test = (_apply_filter(test[0], self.test_filter), test[1])
         if stage in (None, "fit") and self._train is None:
             if self.protected_dir is not None:
@@ -170,8 +169,7 @@ class ResidentImageDataModule(ImageClassificationDataModule):
             else:
                 loaded = self._source_train()
             self.train_indices = self._train_subset_indices(loaded[1])
-            idx = self.train_indices
-            train = loaded if idx is None else (loaded[0][idx], loaded[1][idx])
+            train = self._take(loaded, self.train_indices)
             self._train = (_apply_filter(train[0], self.train_filter), train[1])
 
     # ----------------------------------------------------------------- loaders
