@@ -175,6 +175,48 @@ def test_em_classwise_one_delta_per_class(cifar_root, tmp_path):
     assert manifest["method"] == "em_classwise"
 
 
+class _SquareDistance(torch.nn.Module):
+    """Logits (sum of (x - 0.5)^2, 0): the input gradient's sign depends on the image."""
+
+    def forward(self, x):
+        score = ((x - 0.5) ** 2).flatten(1).sum(1)
+        return torch.stack([score, torch.zeros_like(score)], 1)
+
+
+def test_em_classwise_update_rules_original_mean_against_summed_gradient():
+    from fuse_lightning.baselines.em import pgd_min_classwise
+
+    model, eps, step = _SquareDistance(), 0.03, 0.01
+    # Two class-0 images on either side of 0.5 pull one pixel in opposite directions (the first
+    # more strongly); class 1 is absent from the batch.
+    x = torch.tensor([0.2, 0.7]).view(2, 1, 1, 1)
+    y = torch.tensor([0, 0])
+    start = torch.tensor([0.0, 0.02]).view(2, 1, 1, 1)
+    mean = pgd_min_classwise(model, x, y, start, eps, step, steps=1, update="sample_mean")
+    summed = pgd_min_classwise(model, x, y, start, eps, step, steps=1, update="summed_gradient")
+    # the original rule: each sample steps on its own, the class takes the mean: steps cancel
+    assert mean[0].item() == pytest.approx(0.0, abs=1e-7)
+    # the summed gradient is the first image's sign: a full step down
+    assert summed[0].item() == pytest.approx(-step, abs=1e-7)
+    assert mean[1].item() == summed[1].item() == pytest.approx(0.02)  # absent class stays put
+    # The original clips each sample to the image range before its step: images at 1.0 keep
+    # none of +eps, then step up by 0.01 (away from 0.5), so the class's delta falls to 0.01;
+    # the summed rule ignores the range and stays at +eps.
+    x1, y1, at_eps = torch.ones(2, 1, 1, 1), torch.tensor([0, 0]), torch.tensor([eps, 0.0]).view(2, 1, 1, 1)
+    clipped = pgd_min_classwise(model, x1, y1, at_eps, eps, step, 1)
+    assert clipped[0].item() == pytest.approx(step, abs=1e-7)
+    assert pgd_min_classwise(model, x1, y1, at_eps, eps, step, 1, update="summed_gradient")[0].item() == (
+        pytest.approx(eps)
+    )
+    several = pgd_min_classwise(model, torch.rand(8, 3, 4, 4), torch.arange(8) % 2,
+                                torch.zeros(2, 3, 4, 4), eps, step, steps=5)
+    assert several.abs().max() <= eps + 1e-7
+    with pytest.raises(ValueError, match="update must be"):
+        pgd_min_classwise(model, x, y, start, eps, step, 1, update="mean")
+    with pytest.raises(ValueError, match="classwise_update"):
+        ErrorMinimizingNoise(mode="classwise", classwise_update="mean")
+
+
 def test_em_samplewise_minimises_surrogate_loss(cifar_root, tmp_path, capsys):
     method = tiny_em(mode="samplewise", max_rounds=2)
     out = method.protect(datamodule(cifar_root), tmp_path / "ems", progress=False)
@@ -237,7 +279,7 @@ def test_cli_end_to_end_and_refuses_overwrite(cifar_root, tmp_path, capsys):
 
 def test_cli_em_config_file_with_overrides(cifar_root, tmp_path):
     out = tmp_path / "cli_em"
-    code = main([
+    args = [
         "baseline",
         "--config", str(CONFIGS / "em_classwise_cifar10.yaml"),
         "--data.init_args.data_dir", str(cifar_root),
@@ -247,15 +289,27 @@ def test_cli_em_config_file_with_overrides(cifar_root, tmp_path):
         "--method.init_args.max_rounds", "1",
         "--method.init_args.pgd_steps", "1",
         "--method.init_args.train_steps", "2",
+        "--data.init_args.train_subset", "50",
         "--out", str(out),
         "--device", "cpu",
         "--no_progress",
-    ])
-    assert code == 0
+    ]
+    assert main(args) == 0
     manifest = verify_manifest(out)
     assert manifest["method"] == "em_classwise"
     assert manifest["method_args"]["arch"] == "fastnet"
     assert manifest["method_args"]["device"] == "cpu"
+    assert manifest["method_args"]["classwise_update"] == "sample_mean"
+    assert manifest["method_args"]["grad_clip"] == 5.0
+    # fitted on 50 images, the config's whole_training_set exports all 200; then only the 50
+    _, diff, clean, labels = check_export(out, cifar_root, 8)
+    inside = (clean.int() >= 8) & (clean.int() <= 247)  # where no image-range clip binds
+    for k in range(10):
+        rows = (labels == k).nonzero().reshape(-1)
+        same = (diff[rows] == diff[rows[0]]) | ~inside[rows] | ~inside[rows[0]]
+        assert same.all(), f"class {k}: its images do not share one pattern"
+    assert main([*args, "--no_whole_training_set", "--overwrite"]) == 0
+    assert verify_manifest(out)["num_images"] == 50
 
 
 class Killed(Exception):

@@ -142,6 +142,7 @@ class Perturbation:
         progress: bool = True,
         extra_manifest: dict[str, Any] | None = None,
         state_dir: str | os.PathLike | None = None,
+        whole_training_set: bool = False,
     ) -> Path:
         """Fit, then write the protected training set with its manifest.
 
@@ -157,6 +158,9 @@ class Perturbation:
             progress: Show progress bars.
             extra_manifest: More manifest entries (e.g. the resolved CLI config).
             state_dir: Directory of the resumable state (default: beside `out_dir`).
+            whole_training_set: Export every training image, not only the DataModule's
+                `train_subset` the method was fitted on (class-wise patterns fitted on a
+                subset protect the whole set; sample-wise EM computes noise for the others).
 
         Returns:
             The output directory.
@@ -177,6 +181,7 @@ class Perturbation:
             device=resolve_device(device),
             batch_size=batch_size,
             progress=progress,
+            subset_only=not whole_training_set,
         )
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)

@@ -56,6 +56,11 @@ def build_parser() -> ArgumentParser:
         "command after a kill continues from there. Default: beside --out (<out>.em-state.pt).",
     )
     parser.add_argument(
+        "--whole_training_set", action=ActionYesNo, default=False,
+        help="Export every training image, not only the data's train_subset the method was "
+        "fitted on (e.g. class-wise EM fitted on 20 %% of CIFAR-10 protects all 50 000).",
+    )
+    parser.add_argument(
         "--progress", action=ActionYesNo, default=True,
         help="Show progress bars (--no_progress also silences the method's own bars).",
     )
@@ -104,6 +109,7 @@ def baseline_main(argv: list[str]) -> int:
             progress=cfg.progress,
             extra_manifest={"config": config},
             state_dir=cfg.state_dir,
+            whole_training_set=cfg.whole_training_set,
         )
     except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"fuse baseline: error: {exc}", file=sys.stderr)

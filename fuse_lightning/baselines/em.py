@@ -33,7 +33,9 @@ from fuse_lightning.data.base import random_crop_flip
 from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.normalized import classifier_with_normalization
 
-__all__ = ["ErrorMinimizingNoise", "load_state", "pgd_min_classwise", "pgd_min_samplewise", "save_state"]
+__all__ = ["ClasswiseUpdate", "ErrorMinimizingNoise", "load_state", "pgd_min_classwise", "pgd_min_samplewise", "save_state"]
+
+ClasswiseUpdate = Literal["sample_mean", "summed_gradient"]
 
 # Constructor arguments that do not change the result (a state saved with others still fits).
 _STATE_NEUTRAL = ("device", "progress")
@@ -135,11 +137,20 @@ def pgd_min_classwise(
     step_size: float,
     steps: int,
     amp: bool = False,
+    update: ClasswiseUpdate = "sample_mean",
 ) -> torch.Tensor:
     """Class-wise error-minimizing PGD: one perturbation per class, shared by its samples.
 
-    Indexing `class_delta[y]` makes autograd sum the gradients of all samples of a class into
-    that class's perturbation; classes absent from the batch get a zero gradient and stay put.
+    Two update rules (classes absent from the batch stay put under both):
+
+    - ``sample_mean`` (the original implementation's rule): every sample starts from its class's
+      perturbation and takes its own `steps` signed-gradient steps (clipped to the eps-ball and
+      the image range); the class's perturbation becomes the mean of its samples' results. Where
+      the samples of a class disagree on a pixel's direction their steps cancel, so the
+      perturbation moves only where the class agrees.
+    - ``summed_gradient``: `steps` signed steps along the gradient summed over the class's
+      samples; every pixel moves a full step each batch, so the perturbation saturates at +-eps
+      in a sign pattern.
 
     Args:
         model: Classifier on images in [0, 1].
@@ -150,18 +161,37 @@ def pgd_min_classwise(
         step_size: Step in the [0, 1] scale.
         steps: Number of steps.
         amp: bfloat16 autocast on CUDA.
+        update: ``sample_mean`` or ``summed_gradient``.
 
     Returns:
         The new class perturbations (K, C, H, W), detached, |delta| <= eps.
     """
     class_delta = class_delta.detach()
-    for _ in range(steps):
-        class_delta.requires_grad_(True)
+    if update == "summed_gradient":
+        for _ in range(steps):
+            class_delta.requires_grad_(True)
+            with _autocast(x.device, amp):
+                loss = F.cross_entropy(model((x + class_delta[y]).clamp(0.0, 1.0)), y)
+            (grad,) = torch.autograd.grad(loss, class_delta)
+            class_delta = (class_delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
+        return class_delta.detach()
+    if update != "sample_mean":
+        raise ValueError(f"update must be 'sample_mean' or 'summed_gradient', got {update!r}")
+    delta = (x + class_delta[y]).clamp(0.0, 1.0) - x
+    for step in range(steps):
+        delta.requires_grad_(True)
         with _autocast(x.device, amp):
-            loss = F.cross_entropy(model((x + class_delta[y]).clamp(0.0, 1.0)), y)
-        (grad,) = torch.autograd.grad(loss, class_delta)
-        class_delta = (class_delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
-    return class_delta.detach()
+            loss = F.cross_entropy(model(x + delta), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        delta = (delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
+        if step < steps - 1:  # the next gradient is taken at a valid image
+            delta = (x + delta).clamp(0.0, 1.0) - x
+    sums = torch.zeros_like(class_delta).index_add_(0, y, delta.to(class_delta.dtype))
+    counts = torch.bincount(y, minlength=len(class_delta))
+    present = counts > 0
+    out = class_delta.clone()
+    out[present] = sums[present] / counts[present].view(-1, 1, 1, 1).to(sums.dtype)
+    return out.clamp(-eps, eps)
 
 
 class ErrorMinimizingNoise(Perturbation):
@@ -171,7 +201,7 @@ class ErrorMinimizingNoise(Perturbation):
     `pgd_steps` signed-gradient steps *minimising* the cross-entropy, projected onto |delta| <=
     eps and the image range; stop when the surrogate (eval mode) classifies the perturbed
     training data with accuracy >= `stop_accuracy`, or after `max_rounds`. Class-wise mode keeps
-    one delta per class, updated with the gradient summed over that class's samples.
+    one delta per class, updated by `classwise_update` (`pgd_min_classwise`).
 
     Spectrum: sample-wise EM noise is dominated by high spatial frequencies (pixel-level,
     sign-gradient texture), which is why low-pass filtering of the training images weakens it.
@@ -189,12 +219,17 @@ class ErrorMinimizingNoise(Perturbation):
         pgd_step_size: PGD step in 0-255 units (0.8 means 0.8/255).
         train_steps: Surrogate training batches per round.
         stop_accuracy: Stop once the surrogate's accuracy on the perturbed training data
-            reaches this value.
+            reaches this value (the original: 0.99 sample-wise, 0.9 class-wise).
         max_rounds: Upper bound on the number of rounds.
         lr: Surrogate SGD learning rate.
         momentum: Surrogate SGD momentum.
         weight_decay: Surrogate SGD weight decay.
         batch_size: Batch size of surrogate training and of the PGD passes.
+        grad_clip: Clip the surrogate's gradient norm to this value (the original trainer: 5);
+            None does not clip.
+        classwise_update: Class-wise rule, "sample_mean" (the original implementation: the
+            mean of the class's per-sample steps) or "summed_gradient" (one step along the
+            class's summed gradient); see `pgd_min_classwise`. Ignored sample-wise.
         augment: Random crop + flip when training the surrogate (the original trains without).
         unseen: "pgd" or "zero": sample-wise perturbation of images not in the fit set.
         amp: bfloat16 autocast on CUDA (ignored on CPU).
@@ -218,6 +253,8 @@ class ErrorMinimizingNoise(Perturbation):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         batch_size: int = 128,
+        grad_clip: float | None = None,
+        classwise_update: ClasswiseUpdate = "sample_mean",
         augment: bool = False,
         unseen: Literal["pgd", "zero"] = "pgd",
         amp: bool = True,
@@ -230,6 +267,12 @@ class ErrorMinimizingNoise(Perturbation):
             raise ValueError(f"mode must be 'samplewise' or 'classwise', got {mode!r}")
         if unseen not in ("pgd", "zero"):
             raise ValueError(f"unseen must be 'pgd' or 'zero', got {unseen!r}")
+        if classwise_update not in ("sample_mean", "summed_gradient"):
+            raise ValueError(
+                f"classwise_update must be 'sample_mean' or 'summed_gradient', got {classwise_update!r}"
+            )
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or null, got {grad_clip}")
         if pgd_steps < 1 or train_steps < 0 or max_rounds < 1 or batch_size < 1:
             raise ValueError("pgd_steps, max_rounds and batch_size must be >= 1, train_steps >= 0")
         self.mode = mode
@@ -244,6 +287,8 @@ class ErrorMinimizingNoise(Perturbation):
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.batch_size = batch_size
+        self.grad_clip = grad_clip
+        self.classwise_update = classwise_update
         self.augment = augment
         self.unseen = unseen
         self.amp = amp
@@ -323,6 +368,8 @@ class ErrorMinimizingNoise(Perturbation):
                 loss = F.cross_entropy(model(x).float(), labels[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
             optimizer.step()
             train_loss += loss.item() / max(1, self.train_steps)
         return train_loss, order, cursor
@@ -339,7 +386,9 @@ class ErrorMinimizingNoise(Perturbation):
             rows = torch.arange(start, min(start + self.batch_size, n), device=dev)
             x, y = images[rows].float() / 255, labels[rows]
             if self.mode == "classwise":
-                self.delta = pgd_min_classwise(model, x, y, self.delta, eps, step, self.pgd_steps, self.amp)
+                self.delta = pgd_min_classwise(
+                    model, x, y, self.delta, eps, step, self.pgd_steps, self.amp, self.classwise_update
+                )
             else:
                 self.delta[rows] = pgd_min_samplewise(model, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp)
         model.requires_grad_(True)
