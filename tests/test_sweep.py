@@ -404,6 +404,60 @@ def test_results_without_a_key_are_stale(basic: S.Sweep):
     assert S.read_result(run) is None and L.split_results(basic, "/d") == ([], [run.run_id])
 
 
+def test_the_committed_results_csv_keeps_finished_runs(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    """Work dirs are not committed, results.csv is: on a fresh clone (no work dir) its rows with
+    the current run_key count as done, are reported again with their numbers, and no protected
+    set is made again for them; a row of other settings, or a missing row, is run."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    first = FakeExecutor()
+    assert L.run_local(basic, "/d", executor=first) == 0
+    assert sum("--out" in c for c in first.calls) == 1 and len(first.calls) == 1 + 16
+    csv_path = tmp_path / "results" / "results.csv"
+    before = csv_path.read_text()
+    shutil.rmtree(tmp_path / "work")
+
+    run = S.expand_grid(basic)[3]
+    row = S.current_result(basic, run, "/d")
+    assert row["run_id"] == run.run_id and row["seed"] == run.seed == 1 and row["val_acc"] == pytest.approx(0.4)
+    assert row["best_val_acc"] == pytest.approx(0.6) and row["epochs"] == 3 and row["filter"] == run.filter
+    assert not S.result_is_current(basic, run, "/elsewhere")  # another data dir: another command
+    again = FakeExecutor()
+    assert L.run_local(basic, "/d", executor=again) == 0
+    assert again.calls == [] and csv_path.read_text() == before
+    assert "16 of 16 runs finished" in (tmp_path / "results" / "table.md").read_text()
+
+    # One noise row missing: the noise set is made again for it and that one victim runs.
+    lines = before.splitlines(keepends=True)
+    missing = next(i for i, line in enumerate(lines) if line.startswith("noise__resnet18__none__s1,"))
+    csv_path.write_text("".join(lines[:missing] + lines[missing + 1:]))
+    one = FakeExecutor()
+    assert L.run_local(basic, "/d", executor=one) == 0
+    assert "--out" in one.calls[0] and run_ids(one.calls[1:]) == ["noise__resnet18__none__s1"]
+    assert len(csv_path.read_text().splitlines()) == 17
+
+    # Other victim settings: every recorded row is stale, nothing counts as done.
+    changed = S.load_sweep(basic.path, ["--victim.overrides", "{trainer.max_epochs: 2}"])
+    assert L.split_results(changed, "/d")[0] == [] and not S.result_is_current(changed, run, "/d")
+    said = []
+    L.write_sweep_report(changed, log=said.append, data_dir="/d")
+    assert any("16 row(s) of" in line and "leave it: not current" in line for line in said)
+
+    # An unreadable record is an error naming the file, not an empty record.
+    csv_path.write_bytes(b"run_id,run_key\n\xff\xfe,\x00\n")
+    with pytest.raises(S.SweepError, match="results.csv: cannot read"):
+        S.recorded_results(basic)
+
+
+def test_a_set_another_method_reads_is_prepared_for_it(tmp_path: Path):
+    text = BASIC.replace("grid:", "  seen:\n    protected_dir: TMP/work/methods/noise/protected\ngrid:")
+    sweep = S.load_sweep(write_sweep(tmp_path, text), ["--grid.method", "[seen]"])
+    runs = S.expand_grid(sweep)
+    assert L.methods_to_prepare(sweep, runs, "/d") == ["noise", "seen"]
+    assert L.methods_to_prepare(S.load_sweep(write_sweep(tmp_path, BASIC)), [], "/d") == []
+
+
 def test_result_writer_reads_callback_metrics(tmp_path: Path):
     writer = ResultWriter()
     trainer = types.SimpleNamespace(sanity_checking=True, callback_metrics={"val/acc": torch.tensor(0.9)},

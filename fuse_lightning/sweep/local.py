@@ -236,6 +236,18 @@ def prepare_methods(sweep: Sweep, names: Sequence[str], data_dir: str | os.PathL
     return failed
 
 
+def methods_to_prepare(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike) -> list[str]:
+    """The methods a pass must prepare: those with a run still to do, after the methods whose
+    command makes a protected set such a method reads (e.g. `fuse_seen` reads `fuse`'s). A
+    method whose runs are all done, in a work dir or in the committed results.csv, is not made
+    again."""
+    pending = [m for m in dict.fromkeys(r.method for r in runs if not S.result_is_current(sweep, r, data_dir))]
+    needed = {os.path.abspath(d) for m in pending if (d := sweep.methods[m].protected_dir) is not None}
+    makers = [name for name, m in sweep.methods.items() if name not in pending and m.spec.command is not None
+              and m.protected_dir is not None and os.path.abspath(m.protected_dir) in needed]
+    return makers + pending
+
+
 def visible_gpus() -> list[str]:
     """Physical GPU ids this process may use (honours an existing CUDA_VISIBLE_DEVICES)."""
     try:
@@ -335,8 +347,8 @@ def split_results(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> tu
     """Current results of the grid, in grid order, and the ids of stale ones (`result_is_current`)."""
     rows, stale = [], []
     for run in S.expand_grid(sweep):
-        if S.result_is_current(sweep, run, data_dir):
-            rows.append(S.read_result(run))
+        if (row := S.current_result(sweep, run, data_dir)) is not None:
+            rows.append(row)
         elif run.result_path.is_file():
             stale.append(run.run_id)
     return rows, stale
@@ -354,6 +366,11 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
     if stale:
         log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed since they "
             f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
+    current = {r["run_id"] for r in rows}
+    if dropped := [i for i in S.recorded_results(sweep) if i not in current]:
+        log(f"{sweep.name}: {len(dropped)} row(s) of {sweep.results_dir / 'results.csv'} leave it: not current "
+            "(settings changed, recorded without a run key, or outside the grid): "
+            + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
     seeds = sorted({r["seed"] for r in rows})
     usual_n = R.usual_seed_count(rows)
     over = (f"victim seeds {seeds}, mean ± std where a cell has several; most cells have n = {usual_n}, "
@@ -389,10 +406,11 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
     if dry_run:
         print_plan(sweep, data_dir, only_prepare)
         return 0
-    failed_methods = prepare_methods(sweep, sweep.grid.method, data_dir, executor)
+    runs = S.expand_grid(sweep)
+    names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, runs, data_dir)
+    failed_methods = prepare_methods(sweep, names, data_dir, executor)
     if only_prepare:
         return 1 if failed_methods else 0
-    runs = S.expand_grid(sweep)
     runnable = [r for r in runs if r.method not in failed_methods]
     gpus = visible_gpus()
     done = sum(S.result_is_current(sweep, r, data_dir) for r in runs)

@@ -9,6 +9,8 @@ set still belongs to the sweep's current settings.
 
 from __future__ import annotations
 
+import csv
+import functools
 import hashlib
 import itertools
 import json
@@ -436,13 +438,67 @@ def read_result(run: Run) -> dict[str, Any] | None:
     return read_json(run.result_path)
 
 
-def result_is_current(sweep: Sweep, run: Run, data_dir: str | os.PathLike | None) -> bool:
-    """Whether the run's `result.json` holds the `run_key` of the command the sweep would run now
-    (`data_dir` None: with the data dir the result records, as `--report_only` does)."""
-    row = read_result(run)
-    if row is None or (data_dir is None and row.get("data_dir") is None):
+# results.csv columns kept as text when a recorded row is read back; the others become numbers.
+_TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir", "command", "data_dir", "run_key"})
+
+
+def _csv_cell(text: str) -> Any:
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@functools.lru_cache(maxsize=8)
+def _read_recorded(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise SweepError(f"{path}: cannot read the recorded results ({err}); repair or move the file") from err
+    return {row["run_id"]: {k: v if k in _TEXT_COLUMNS else _csv_cell(v) for k, v in row.items() if k is not None}
+            for row in rows if row.get("run_id")}
+
+
+def recorded_results(sweep: Sweep) -> dict[str, dict[str, Any]]:
+    """Rows of the sweep's committed `results.csv`, by run id (CSV only: nothing in the file is
+    executed). Work directories are not committed; this record is, so a fresh clone, or a machine
+    that lost its work dir, keeps the finished runs (rows without a `run_key` are never current)."""
+    path = sweep.results_dir / "results.csv"
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    return _read_recorded(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def _holds_current_key(sweep: Sweep, run: Run, row: dict[str, Any], data_dir: str | os.PathLike | None) -> bool:
+    if data_dir is None and row.get("data_dir") is None:
         return False
     return row.get("run_key") == run_key(sweep, run, data_dir if data_dir is not None else row["data_dir"])
+
+
+def current_result(sweep: Sweep, run: Run, data_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The run's result if it holds the `run_key` of the command the sweep would run now: its
+    `result.json`, else its row in the committed `results.csv` (`recorded_results`); None when
+    neither does (`data_dir` None: with the data dir the result records, as `--report_only` does).
+
+    A recorded row of a method with a command stays current when that method's protected set is
+    made again by the same command: the key covers the commands, not the bytes they produce.
+    """
+    for row in (read_result(run), recorded_results(sweep).get(run.run_id)):
+        if row is not None and _holds_current_key(sweep, run, row, data_dir):
+            return dict(row)
+    return None
+
+
+def result_is_current(sweep: Sweep, run: Run, data_dir: str | os.PathLike | None) -> bool:
+    """Whether the run has a current result (`current_result`)."""
+    return current_result(sweep, run, data_dir) is not None
 
 
 def method_is_current(method: Method, data_dir: str | os.PathLike) -> bool:
