@@ -821,16 +821,24 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
     monkeypatch.setattr(S, "victim_command", lambda sweep, run, data_dir: [sys.executable, "-c", SLEEPER, str(run.run_dir)])
     pid_files = [r.run_dir / "child.pid" for r in runs[:2]]
     found: list[int] = []
+    problems: list[BaseException] = []
 
     def interrupt() -> None:
-        found.extend(wait_for(pid_files))
-        os.kill(os.getpid(), signal.SIGINT)
+        # Ctrl-C comes in any case: a helper that failed silently would leave the sweep running
+        # its sleepers to the end; its failure is reported by the main thread below.
+        try:
+            found.extend(wait_for(pid_files, timeout_s=120))
+        except BaseException as err:  # noqa: BLE001
+            problems.append(err)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
 
     timer = threading.Thread(target=interrupt, daemon=True)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         L.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=L.execute, log=lambda s: None)
     timer.join(5)
+    assert not problems, problems
     assert len(found) == 4  # two children, two grandchildren
     assert wait_gone(found) == []
     for run in runs:
