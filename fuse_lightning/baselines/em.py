@@ -101,6 +101,7 @@ def pgd_min_samplewise(
     step_size: float,
     steps: int,
     amp: bool = False,
+    clip_last_step: bool = True,
 ) -> torch.Tensor:
     """Error-minimizing PGD: `steps` signed-gradient *descent* steps on CE(model(x + delta), y).
 
@@ -113,18 +114,22 @@ def pgd_min_samplewise(
         step_size: Step in the [0, 1] scale.
         steps: Number of steps.
         amp: bfloat16 autocast on CUDA.
+        clip_last_step: Also clip the last step to the image range. Every earlier step is
+            clipped, so each gradient is taken at a valid image; class-wise EM's sample-mean rule
+            leaves the last one unclipped, as the original does.
 
     Returns:
-        The new delta, detached, with |delta| <= eps and x + delta in [0, 1].
+        The new delta, detached, with |delta| <= eps and (with `clip_last_step`) x + delta in [0, 1].
     """
     delta = delta.detach()
-    for _ in range(steps):
+    for step in range(steps):
         delta.requires_grad_(True)
         with _autocast(x.device, amp):
             loss = F.cross_entropy(model(x + delta), y)
         (grad,) = torch.autograd.grad(loss, delta)
         delta = (delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0.0, 1.0) - x
+        if clip_last_step or step < steps - 1:
+            delta = (x + delta).clamp(0.0, 1.0) - x
     return delta.detach()
 
 
@@ -177,15 +182,8 @@ def pgd_min_classwise(
         return class_delta.detach()
     if update != "sample_mean":
         raise ValueError(f"update must be 'sample_mean' or 'summed_gradient', got {update!r}")
-    delta = (x + class_delta[y]).clamp(0.0, 1.0) - x
-    for step in range(steps):
-        delta.requires_grad_(True)
-        with _autocast(x.device, amp):
-            loss = F.cross_entropy(model(x + delta), y)
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() - step_size * grad.sign()).clamp(-eps, eps)
-        if step < steps - 1:  # the next gradient is taken at a valid image
-            delta = (x + delta).clamp(0.0, 1.0) - x
+    start = (x + class_delta[y]).clamp(0.0, 1.0) - x
+    delta = pgd_min_samplewise(model, x, y, start, eps, step_size, steps, amp, clip_last_step=False)
     sums = torch.zeros_like(class_delta).index_add_(0, y, delta.to(class_delta.dtype))
     counts = torch.bincount(y, minlength=len(class_delta))
     present = counts > 0
