@@ -833,11 +833,17 @@ def test_ctrl_c_stops_parallel_victims_and_records_nothing(basic: S.Sweep, monke
         finally:
             os.kill(os.getpid(), signal.SIGINT)
 
-    timer = threading.Thread(target=interrupt, daemon=True)
-    timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        L.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=L.execute, log=lambda s: None)
-    timer.join(5)
+    # A shell's background job (`cmd &`) starts with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give this test the terminal's Ctrl-C wherever it runs.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer = threading.Thread(target=interrupt, daemon=True)
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            L.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=L.execute, log=lambda s: None)
+        timer.join(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not problems, problems
     assert len(found) == 4  # two children, two grandchildren
     assert wait_gone(found) == []
