@@ -454,8 +454,8 @@ def test_a_set_another_method_reads_is_prepared_for_it(tmp_path: Path):
     text = BASIC.replace("grid:", "  seen:\n    protected_dir: TMP/work/methods/noise/protected\ngrid:")
     sweep = S.load_sweep(write_sweep(tmp_path, text), ["--grid.method", "[seen]"])
     runs = S.expand_grid(sweep)
-    assert L.methods_to_prepare(sweep, runs, "/d") == ["noise", "seen"]
-    assert L.methods_to_prepare(S.load_sweep(write_sweep(tmp_path, BASIC)), [], "/d") == []
+    assert L.methods_to_prepare(sweep, runs) == ["noise", "seen"]
+    assert L.methods_to_prepare(S.load_sweep(write_sweep(tmp_path, BASIC)), []) == []
 
 
 def test_result_writer_reads_callback_metrics(tmp_path: Path):

@@ -236,12 +236,12 @@ def prepare_methods(sweep: Sweep, names: Sequence[str], data_dir: str | os.PathL
     return failed
 
 
-def methods_to_prepare(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike) -> list[str]:
-    """The methods a pass must prepare: those with a run still to do, after the methods whose
-    command makes a protected set such a method reads (e.g. `fuse_seen` reads `fuse`'s). A
-    method whose runs are all done, in a work dir or in the committed results.csv, is not made
-    again."""
-    pending = [m for m in dict.fromkeys(r.method for r in runs if not S.result_is_current(sweep, r, data_dir))]
+def methods_to_prepare(sweep: Sweep, pending: Sequence[Run]) -> list[str]:
+    """The methods a pass must prepare for its `pending` runs (those without a current result):
+    their methods, after the methods whose command makes a protected set such a method reads
+    (e.g. `fuse_seen` reads `fuse`'s). A method whose runs are all done, in a work dir or in the
+    committed results.csv, is not made again."""
+    pending = list(dict.fromkeys(r.method for r in pending))
     needed = {os.path.abspath(d) for m in pending if (d := sweep.methods[m].protected_dir) is not None}
     makers = [name for name, m in sweep.methods.items() if name not in pending and m.spec.command is not None
               and m.protected_dir is not None and os.path.abspath(m.protected_dir) in needed]
@@ -407,13 +407,14 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
         print_plan(sweep, data_dir, only_prepare)
         return 0
     runs = S.expand_grid(sweep)
-    names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, runs, data_dir)
+    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
+    names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, pending)
     failed_methods = prepare_methods(sweep, names, data_dir, executor)
     if only_prepare:
         return 1 if failed_methods else 0
     runnable = [r for r in runs if r.method not in failed_methods]
     gpus = visible_gpus()
-    done = sum(S.result_is_current(sweep, r, data_dir) for r in runs)
+    done = len(runs) - len(pending)
     print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
           + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
     summary = run_victims(sweep, runnable, data_dir, gpus, max_runs, executor)
