@@ -30,6 +30,8 @@ __all__ = [
     "collect_results",
     "cutoff_of",
     "differences_table",
+    "independent_differences",
+    "independent_table",
     "markdown_table",
     "paired_differences",
     "plot_acc_vs_cutoff",
@@ -323,6 +325,73 @@ def differences_table(
     return "\n".join(lines) + "\n"
 
 
+def independent_differences(
+    rows: Sequence[dict[str, Any]], a: Sequence[str], b: Sequence[str], key: str = "val_acc",
+    confidence: float = 0.95,
+) -> dict[tuple[str, str], tuple[float, float, float, int, int]]:
+    """Methods `a` minus methods `b` as independent samples, per (arch, filter), in points.
+
+    Every run of a method in `a` (or `b`) is one sample, whatever its victim seed: this is the
+    comparison for protected sets that cannot be paired, e.g. `a = [fuse, fuse_g1]`, two
+    separately trained generators, against `b = [em_classwise]`. The interval is Welch's
+    (`welch_difference`), NaN unless both sides have ≥ 2 runs. Runs of one generator share its
+    protected set, so with few generators the interval may understate the variance of making a
+    set again; the table says how many runs each side has.
+
+    Returns:
+        `{(arch, filter): (mean difference, low, high, runs of a, runs of b)}`.
+    """
+    samples: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
+    for row in rows:
+        if row.get(key) in (None, ""):
+            continue
+        side = 0 if row["method"] in a else 1 if row["method"] in b else None
+        if side is not None:
+            samples.setdefault((row["arch"], row["filter"]), ([], []))[side].append(100.0 * float(row[key]))
+    out = {}
+    for k, (xa, xb) in samples.items():
+        if xa and xb:
+            out[k] = (*welch_difference(xa, xb, confidence), len(xa), len(xb))
+    return out
+
+
+def independent_table(
+    rows: Sequence[dict[str, Any]], comparisons: Sequence[tuple[str, Sequence[str], str, Sequence[str]]],
+    filters: Sequence[str] | None = None, key: str = "val_acc",
+) -> str:
+    """Markdown: for each `(label a, methods a, label b, methods b)`, the Welch difference a − b per
+    filter (`independent_differences`). A cell is `mean [low, high] (runs a, runs b)` in points,
+    `*` when the interval excludes 0; without an interval (a side with one run) just
+    `mean (runs a, runs b)`. Empty string when no comparison has runs on both sides.
+    """
+    filters = list(filters) if filters is not None else _ordered(r["filter"] for r in rows)
+    archs = _ordered(r["arch"] for r in rows)
+    columns = []
+    for label_a, a, label_b, b in comparisons:
+        diffs = independent_differences(rows, a, b, key)
+        for arch in archs:
+            if any((arch, f) in diffs for f in filters):
+                label = f"{label_a} − {label_b}" + (f" ({arch})" if len(archs) > 1 else "")
+                columns.append((label, {f: diffs.get((arch, f)) for f in filters}))
+    if not columns:
+        return ""
+    lines = ["| filter | " + " | ".join(label for label, _ in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for f in filters:
+        cells = []
+        for _, by_filter in columns:
+            d = by_filter[f]
+            if d is None:
+                cells.append("–")
+            elif np.isnan(d[1]):
+                cells.append(f"{d[0]:+.1f} ({d[3]}, {d[4]})")
+            else:
+                star = "*" if d[1] > 0 or d[2] < 0 else ""
+                cells.append(f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star} ({d[3]}, {d[4]})")
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def spec_of(filter_name: str) -> Any:
     """The parsed `FilterSpec` of a filter name, or None when the name is not a known filter."""
     from fuse_lightning.filters import parse_filter_name
@@ -582,6 +651,7 @@ def write_report(
     filters: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
     pairs: Sequence[Sequence[str]] = (),
+    independent: Sequence[tuple[str, Sequence[str], str, Sequence[str]]] = (),
 ) -> dict[str, Path]:
     """Write results.csv, table.md (accuracies, then paired differences) and plots into `results_dir`.
 
@@ -597,6 +667,8 @@ def write_report(
         filters: Column order of the tables.
         log: Called with one line per written file.
         pairs: `[a, b]` method pairs for the table of paired differences a − b (`differences_table`).
+        independent: `(label a, methods a, label b, methods b)` for the table of independent-sample
+            (Welch) differences (`independent_table`).
 
     Returns:
         `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map": path}` for the files
@@ -612,6 +684,12 @@ def write_report(
                  "`*`: the interval excludes 0. Negative: a protects better. The interval covers victim training "
                  "noise for these protected sets only, not the variance of making a protected set again "
                  "(another generator training).\n\n" + diffs)
+    if rows and (welch := independent_table(rows, independent, filters)):
+        text += ("\n## Independent-sample differences\n\nMethods a − methods b in points, every run one sample "
+                 "(protected sets that cannot be paired, such as separately trained generators, pooled): mean "
+                 "[95 % CI, Welch's t] (runs of a, runs of b); `*`: the interval excludes 0; no interval while "
+                 "a side has one run. Runs on one protected set share it, so with few sets the interval can "
+                 "understate the variance of making a set again.\n\n" + welch)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

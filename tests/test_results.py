@@ -201,3 +201,32 @@ def test_generator_variance_script_averages_over_generators_from_several_sweeps(
     spec_path.write_text(spec_path.read_text().replace("[[fuse, plain]]", "[[fuse, nope]]"))
     with pytest.raises(SystemExit, match="nope"):
         gv.main([str(spec_path)])
+
+
+def test_independent_differences_pool_generators_and_match_welchs_formula(tmp_path: Path):
+    from scipy import stats as st
+
+    # two generators of one recipe (fuse: 20, 22 %; fuse_g1: 18 %) against one set of EM (40, 44, 36 %)
+    acc = {"fuse": [0.20, 0.22], "fuse_g1": [0.18], "em": [0.40, 0.44, 0.36], "clean": [0.80]}
+    rows = [{"method": m, "arch": "fastnet", "filter": "lowpass-ideal-0.25", "seed": s, "val_acc": v}
+            for m, values in acc.items() for s, v in enumerate(values)]
+    rows.append({"method": "em", "arch": "fastnet", "filter": "none", "seed": 0, "val_acc": 0.1})  # no fuse run
+    diffs = R.independent_differences(rows, ["fuse", "fuse_g1"], ["em"])
+    assert set(diffs) == {("fastnet", "lowpass-ideal-0.25")}
+    mean, low, high, na, nb = diffs[("fastnet", "lowpass-ideal-0.25")]
+    # by hand: means 20 and 40, variances 4 and 16 over 3 runs each; Welch-Satterthwaite dof
+    se2a, se2b = 4.0 / 3, 16.0 / 3
+    dof = (se2a + se2b) ** 2 / (se2a**2 / 2 + se2b**2 / 2)
+    half = st.t.ppf(0.975, dof) * (se2a + se2b) ** 0.5
+    assert (na, nb) == (3, 3) and mean == pytest.approx(-20.0)
+    assert (low, high) == (pytest.approx(-20.0 - half), pytest.approx(-20.0 + half))
+    comparisons = [("fuse_all", ["fuse", "fuse_g1"], "em", ["em"]), ("fuse", ["fuse"], "clean", ["clean"]),
+                   ("fuse", ["fuse"], "lsp", ["lsp"])]
+    table = R.independent_table(rows, comparisons, filters=["none", "lowpass-ideal-0.25"]).splitlines()
+    assert table[0] == "| filter | fuse_all − em | fuse − clean |"  # lsp has no runs: no column
+    assert table[2] == "| none | – | – |"
+    assert table[3] == f"| lowpass-ideal-0.25 | -20.0 [{-20 - half:+.1f}, {-20 + half:+.1f}]* (3, 3) | -59.0 (2, 1) |"
+    assert R.independent_table(rows, comparisons[2:]) == ""
+    text = R.write_report(rows, tmp_path, "t", independent=comparisons)["table"].read_text()
+    assert "## Independent-sample differences" in text and table[3] in text
+    assert "## Independent-sample" not in R.write_report(rows, tmp_path / "b", "t")["table"].read_text()

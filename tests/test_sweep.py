@@ -183,6 +183,11 @@ def test_portable_commands_name_no_machine_paths(tmp_path: Path, monkeypatch):
         (lambda t: t + "compare: [[noise, em]]\n", "compare"),
         (lambda t: t + "compare: [[noise, clean, gen]]\n", "compare"),
         (lambda t: t + "compare: [[noise]]\n", "compare"),
+        (lambda t: t + "pools: {noise: [gen]}\n", "pools.noise"),
+        (lambda t: t + "pools: {both: [gen, em]}\n", "pools.both"),
+        (lambda t: t + "pools: {both: []}\n", "pools.both"),
+        (lambda t: t + "pools: {both: [gen, noise]}\ncompare_independent: [[both, lsp]]\n", "compare_independent"),
+        (lambda t: t + "compare_independent: [[noise]]\n", "compare_independent"),
     ],
 )
 def test_validation_errors_name_file_and_key(tmp_path: Path, edit, message: str):
@@ -197,6 +202,13 @@ def test_compare_pairs_may_lie_outside_a_narrowed_grid(tmp_path: Path):
     path = write_sweep(tmp_path, BASIC + "compare: [[noise, gen], [noise, clean]]\n")
     sweep = S.load_sweep(path, ["--grid.method", "[noise]"])  # gen is defined, not in the grid
     assert sweep.spec.compare == [["noise", "gen"], ["noise", "clean"]] and sweep.grid.method == ["noise"]
+
+
+def test_independent_comparisons_expand_pools(tmp_path: Path):
+    path = write_sweep(tmp_path, BASIC + "pools: {gens: [gen, noise]}\n"
+                       "compare_independent: [[gens, clean], [noise, clean]]\n")
+    assert S.independent_comparisons(S.load_sweep(path)) == [
+        ("gens", ["gen", "noise"], "clean", ["clean"]), ("noise", ["noise"], "clean", ["clean"])]
 
 
 def test_from_sweep_and_existing_protected_dir(tmp_path: Path):

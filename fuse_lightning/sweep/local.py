@@ -381,7 +381,8 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
         + f". Sweep file: `{S.portable([sweep.path])[0]}`.")
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
-                          filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare)
+                          filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare,
+                          independent=S.independent_comparisons(sweep))
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,6 +123,12 @@ class SweepSpec:
         wandb: W&B project and entity of `--backend wandb`.
         compare: Method pairs `[a, b]` whose paired difference a − b (per filter, over victim
             seeds, with a 95 % CI) goes into table.md.
+        pools: Name -> methods whose runs count as samples of one method, e.g. separately
+            trained generators of one recipe (`fuse_all: [fuse, fuse_g1]`); usable in
+            `compare_independent` only.
+        compare_independent: Pairs `[a, b]` of methods or pools whose difference a − b, every run
+            one sample (Welch's t, 95 % CI), goes into table.md: for protected sets that cannot
+            be paired by victim seed.
     """
 
     name: str
@@ -136,6 +142,8 @@ class SweepSpec:
     filter_test_set: bool = False
     wandb: WandbSpec = field(default_factory=WandbSpec)
     compare: list[list[str]] = field(default_factory=list)
+    pools: dict[str, list[str]] = field(default_factory=dict)
+    compare_independent: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -202,6 +210,12 @@ def union_grid(*grids: GridSpec) -> GridSpec:
     return GridSpec(**{k: list(dict.fromkeys(v for g in grids for v in getattr(g, k))) for k in GRID_KEYS})
 
 
+def independent_comparisons(sweep: Sweep) -> list[tuple[str, list[str], str, list[str]]]:
+    """`compare_independent` as `(label a, methods a, label b, methods b)`, pools expanded."""
+    members = lambda name: list(sweep.spec.pools.get(name, [name]))  # noqa: E731
+    return [(a, members(a), b, members(b)) for a, b in sweep.spec.compare_independent]
+
+
 def with_grid(sweep: Sweep, grid: GridSpec) -> Sweep:
     """The same sweep over another grid (its methods must be defined in the sweep)."""
     return Sweep(replace(sweep.spec, grid=grid), sweep.path, sweep.methods)
@@ -266,6 +280,14 @@ def resolve(spec: SweepSpec, path: Path, stack: tuple[Path, ...] = ()) -> Sweep:
     for pair in spec.compare:  # pairs outside a narrowed grid (--grid.method) simply have no rows
         if len(pair) != 2 or any(m not in spec.methods for m in pair):
             raise SweepError(f"{path}: compare: {pair!r} is not a pair of defined methods ({sorted(spec.methods)})")
+    for pool, members in spec.pools.items():
+        if pool in spec.methods or not members or any(m not in spec.methods for m in members):
+            raise SweepError(f"{path}: pools.{pool}: a pool is a new name for a non-empty list of defined "
+                             f"methods ({sorted(spec.methods)}), got {members!r}")
+    for pair in spec.compare_independent:
+        if len(pair) != 2 or any(m not in spec.methods and m not in spec.pools for m in pair):
+            raise SweepError(f"{path}: compare_independent: {pair!r} is not a pair of defined methods or pools "
+                             f"(methods {sorted(spec.methods)}, pools {sorted(spec.pools)})")
     return sweep
 
 
