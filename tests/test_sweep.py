@@ -334,6 +334,30 @@ def test_max_runs_limits_pending_runs(basic: S.Sweep):
     assert len(executor.calls) == 2 and len(summary.finished) == 2
 
 
+def test_max_runs_prepares_only_for_the_runs_it_will_run(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sweep = S.load_sweep(write_sweep(tmp_path, BASIC), ["--grid.method", "[clean, noise]"])
+    first = FakeExecutor()
+    assert L.run_local(sweep, "/d", max_runs=2, executor=first) == 0
+    assert not any("--out" in c for c in first.calls)  # the two runs are clean ones: noise is not made
+    assert run_ids(first.calls) == [r.run_id for r in S.expand_grid(sweep)[:2]]
+    rest = FakeExecutor()
+    assert L.run_local(sweep, "/d", executor=rest) == 0
+    assert "--out" in rest.calls[0] and sum("--out" in c for c in rest.calls) == 1 and len(rest.calls) == 1 + 14
+    # A failed preparation blocks exactly the chosen runs of its method and no other run starts.
+    noise_first = S.load_sweep(write_sweep(tmp_path, BASIC.replace("TMP/work", "TMP/work2")
+                                           .replace("TMP/results", "TMP/results2")))
+    calls = []
+
+    def failing(cmd, log_path, env):
+        calls.append(cmd)
+        return 1 if "--out" in cmd else FakeExecutor()(cmd, log_path, env)
+
+    assert L.run_local(noise_first, "/d", max_runs=2, executor=failing) == 1
+    assert len(calls) == 1 and "--out" in calls[0]
+    assert "0 finished" in (out := capsys.readouterr().out) and "2 blocked by a failed prepare" in out
+
+
 def test_prepare_skips_current_sets_and_reports_failures(basic: S.Sweep):
     calls = []
 

@@ -409,17 +409,21 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
         return 0
     runs = S.expand_grid(sweep)
     pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
-    names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, pending)
+    # --max_runs N: prepare only for the N runs this pass will run; the others keep waiting.
+    chosen = pending[:max_runs] if max_runs is not None else pending
+    names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, chosen)
     failed_methods = prepare_methods(sweep, names, data_dir, executor)
     if only_prepare:
         return 1 if failed_methods else 0
-    runnable = [r for r in runs if r.method not in failed_methods]
+    waiting = {r.run_id for r in pending[len(chosen):]}
+    runnable = [r for r in runs if r.method not in failed_methods and r.run_id not in waiting]
     gpus = visible_gpus()
     done = len(runs) - len(pending)
     print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
           + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
-    summary = run_victims(sweep, runnable, data_dir, gpus, max_runs, executor)
-    return finish(sweep, data_dir, summary, failed_methods, len(runs) - len(runnable), report)
+    summary = run_victims(sweep, runnable, data_dir, gpus, None, executor)
+    blocked = sum(r.method in failed_methods for r in chosen)
+    return finish(sweep, data_dir, summary, failed_methods, blocked, report)
 
 
 def finish(sweep: Sweep, data_dir: str | os.PathLike, summary: RunSummary, failed_methods: Sequence[str] = (),
