@@ -358,6 +358,21 @@ def test_max_runs_prepares_only_for_the_runs_it_will_run(tmp_path: Path, monkeyp
     assert "0 finished" in (out := capsys.readouterr().out) and "2 blocked by a failed prepare" in out
 
 
+def test_the_report_states_the_wall_time_behind_its_rows(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"method": "noise", "wall_s": 1800.0}, {"method": "clean", "wall_s": "5400.0"}, {"method": "clean"}]
+    assert L.compute_used(basic, rows[1:]) == "Wall time: victims 1.5 h (1 run)."  # clean needs no set
+    assert L.compute_used(basic, rows) == ("Wall time: victims 2.0 h (2 runs); making the protected sets 0.0 h "
+                                           "(0 of 1 sets' times recorded in this work dir).")
+    noise = basic.methods["noise"]
+    assert L._prepare_one(noise, "/d", FakeExecutor(), log=lambda s: None)
+    record = json.loads(noise.record_path.read_text())
+    assert record["wall_s"] >= 0
+    noise.record_path.write_text(json.dumps(dict(record, wall_s=3600.0)))
+    assert "making the protected sets 1.0 h (1 of 1 sets'" in L.compute_used(basic, rows, "/d")
+    assert "making the protected sets 0.0 h (0 of 1 sets'" in L.compute_used(basic, rows, "/other")  # not current
+
+
 def test_prepare_skips_current_sets_and_reports_failures(basic: S.Sweep):
     calls = []
 

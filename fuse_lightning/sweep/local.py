@@ -200,14 +200,15 @@ def _prepare_one(method: Method, data_dir: str | os.PathLike, executor: Executor
     log(f"[prepare] {method.name}: {shlex.join(S.portable(cmd))}")
     start = time.perf_counter()
     code = executor(cmd, log_path, None)
-    took = f"{time.perf_counter() - start:.0f}s"
+    wall = time.perf_counter() - start
+    took = f"{wall:.0f}s"
     if code != 0:
         log(f"[prepare] {method.name}: FAILED (exit {code}) after {took}; log {log_path}:\n{log_tail(log_path, 20)}")
         return False
     if not method.is_prepared:
         log(f"[prepare] {method.name}: the command succeeded but {method.protected_dir}/manifest.json is missing")
         return False
-    record = {"key": S.prepare_key(method, data_dir), "command": S.portable(cmd)}
+    record = {"key": S.prepare_key(method, data_dir), "command": S.portable(cmd), "wall_s": round(wall, 1)}
     R.atomic_write_text(method.record_path, json.dumps(record, indent=2))
     log(f"[prepare] {method.name}: done in {took}")
     return True
@@ -359,6 +360,32 @@ def sweep_rows(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> list[
     return split_results(sweep, data_dir)[0]
 
 
+def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | os.PathLike | None = None) -> str:
+    """One sentence on the wall time behind `rows`: the victims' (`wall_s` of each row, kept in
+    results.csv) and making the protected sets they trained on (`wall_s` of each method's
+    prepare.json in this work dir, where recorded and, given `data_dir`, current)."""
+    victims = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "")]
+    text = f"Wall time: victims {sum(victims) / 3600:.1f} h ({len(victims)} run{'s' * (len(victims) != 1)})"
+    used = list(dict.fromkeys(r["method"] for r in rows))
+    made = [m for name, m in sweep.methods.items() if m.spec.command is not None and m.protected_dir is not None
+            and (name in used or any(sweep.methods[u].protected_dir is not None
+                 and os.path.abspath(sweep.methods[u].protected_dir) == os.path.abspath(m.protected_dir)
+                 for u in used))]
+    recorded = {}
+    for method in made:
+        try:
+            record = json.loads(method.record_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
+            recorded[method.name] = float(record["wall_s"])
+    if made:
+        text += (f"; making the protected sets {sum(recorded.values()) / 3600:.1f} h ({len(recorded)} of "
+                 f"{len(made)} sets' times recorded in this work dir"
+                 + (f": {', '.join(recorded)}" if 0 < len(recorded) < len(made) else "") + ")")
+    return text + "."
+
+
 def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
                        data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write results.csv, table.md and plots of the current results into `sweep.results_dir`."""
@@ -379,7 +406,7 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         "Clean test accuracy (%) of victims trained on each method's training set after the attacker's "
         f"filter (columns), at the final epoch; {over}. {len(rows)} of {len(S.expand_grid(sweep))} runs finished"
         + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
-        + f". Sweep file: `{S.portable([sweep.path])[0]}`.")
+        + f". Sweep file: `{S.portable([sweep.path])[0]}`. " + compute_used(sweep, rows, data_dir))
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
                           filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare,
                           independent=S.independent_comparisons(sweep))
