@@ -366,11 +366,9 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
     prepare.json in this work dir, where recorded and, given `data_dir`, current)."""
     victims = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "")]
     text = f"Wall time: victims {sum(victims) / 3600:.1f} h ({len(victims)} run{'s' * (len(victims) != 1)})"
-    used = list(dict.fromkeys(r["method"] for r in rows))
-    made = [m for name, m in sweep.methods.items() if m.spec.command is not None and m.protected_dir is not None
-            and (name in used or any(sweep.methods[u].protected_dir is not None
-                 and os.path.abspath(sweep.methods[u].protected_dir) == os.path.abspath(m.protected_dir)
-                 for u in used))]
+    read = {os.path.abspath(d) for r in rows if (d := sweep.methods[r["method"]].protected_dir) is not None}
+    made = [m for m in sweep.methods.values()  # the methods whose command made a set these rows read
+            if m.spec.command is not None and m.protected_dir is not None and os.path.abspath(m.protected_dir) in read]
     recorded = {}
     for method in made:
         try:
