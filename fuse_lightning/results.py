@@ -306,23 +306,7 @@ def differences_table(
             if any((arch, f) in diffs for f in filters):
                 label = f"{a} − {b}" + (f" ({arch})" if len(archs) > 1 else "")
                 columns.append((label, {f: diffs.get((arch, f)) for f in filters}))
-    if not columns:
-        return ""
-    lines = ["| filter | " + " | ".join(label for label, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for f in filters:
-        cells = []
-        for _, by_filter in columns:
-            d = by_filter[f]
-            if d is None:
-                cells.append("–")
-            elif d[3] < 2:
-                cells.append(f"{d[0]:+.1f} (1)")
-            else:
-                star = "*" if d[1] > 0 or d[2] < 0 else ""
-                cells.append(f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star} ({d[3]})")
-        lines.append(f"| {f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return _filter_table(columns, filters, lambda d: _difference_cell(d[:3], d[3] > 1, f"{d[3]}"))
 
 
 def independent_differences(
@@ -373,21 +357,28 @@ def independent_table(
             if any((arch, f) in diffs for f in filters):
                 label = f"{label_a} − {label_b}" + (f" ({arch})" if len(archs) > 1 else "")
                 columns.append((label, {f: diffs.get((arch, f)) for f in filters}))
+    return _filter_table(columns, filters,
+                         lambda d: _difference_cell(d[:3], not np.isnan(d[1]), f"{d[3]}, {d[4]}"))
+
+
+def _difference_cell(d: Sequence[float], with_interval: bool, count: str) -> str:
+    """`mean [low, high]* (count)` in points (`*`: the interval excludes 0), or `mean (count)`."""
+    if not with_interval:
+        return f"{d[0]:+.1f} ({count})"
+    star = "*" if d[1] > 0 or d[2] < 0 else ""
+    return f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star} ({count})"
+
+
+def _filter_table(columns: Sequence[tuple[str, dict[str, Any]]], filters: Sequence[str],
+                  cell: Callable[[Any], str]) -> str:
+    """Markdown with one row per filter and one column per `(label, {filter: value or None})`;
+    `–` where a value is None. Empty string without columns."""
     if not columns:
         return ""
     lines = ["| filter | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for f in filters:
-        cells = []
-        for _, by_filter in columns:
-            d = by_filter[f]
-            if d is None:
-                cells.append("–")
-            elif np.isnan(d[1]):
-                cells.append(f"{d[0]:+.1f} ({d[3]}, {d[4]})")
-            else:
-                star = "*" if d[1] > 0 or d[2] < 0 else ""
-                cells.append(f"{d[0]:+.1f} [{d[1]:+.1f}, {d[2]:+.1f}]{star} ({d[3]}, {d[4]})")
+        cells = ["–" if by_filter[f] is None else cell(by_filter[f]) for _, by_filter in columns]
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
