@@ -217,6 +217,59 @@ def test_em_classwise_update_rules_original_mean_against_summed_gradient():
         ErrorMinimizingNoise(mode="classwise", classwise_update="mean")
 
 
+class _Templates(torch.nn.Module):
+    """Linear logits <x, w_k>: per class a smooth template plus a stronger pixel-level one."""
+
+    def __init__(self, classes: int = 4, size: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        smooth = torch.nn.functional.interpolate(torch.randn(classes, 3, 2, 2, generator=g), size=size,
+                                                 mode="bilinear", align_corners=False)
+        self.w = torch.nn.Parameter(smooth + 2 * torch.randn(classes, 3, size, size, generator=g), requires_grad=False)
+
+    def forward(self, x):
+        return torch.einsum("nchw,kchw->nk", x - 0.5, self.w)
+
+
+def test_em_noise_fitted_through_the_augmentation_survives_it():
+    """augment_noise: PGD through random resized crops (one draw per step) gives class noise
+    that keeps the loss low on augmented views, where noise fitted on plain views does not."""
+    from fuse_lightning.baselines.em import pgd_min_classwise
+    from fuse_lightning.data.base import random_resized_crop_flip
+
+    model, eps, step = _Templates(), 8 / 255, 0.5 / 255
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(64, 3, 16, 16, generator=g) * 0.5 + 0.25, torch.arange(64) % 4
+    start = torch.zeros(4, 3, 16, 16)
+    torch.manual_seed(0)
+    plain = pgd_min_classwise(model, x, y, start, eps, step, steps=40)
+    eot = pgd_min_classwise(lambda z: model(random_resized_crop_flip(z)), x, y, start, eps, step, steps=40)
+
+    def loss_on_views(delta, augment):
+        views = torch.Generator().manual_seed(2)
+        xs = [(x + delta[y]).clamp(0, 1) for _ in range(16)]
+        xs = [random_resized_crop_flip(v, generator=views) if augment else v for v in xs]
+        return float(sum(torch.nn.functional.cross_entropy(model(v), y) for v in xs) / len(xs))
+
+    clean = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert eot.abs().max() <= eps + 1e-7
+    # each noise wins on the views it was fitted to
+    assert loss_on_views(plain, False) < loss_on_views(eot, False) < clean
+    assert loss_on_views(eot, True) < 0.8 * loss_on_views(plain, True)
+
+
+def test_em_augment_options(cifar_root):
+    with pytest.raises(ValueError, match="augment must be"):
+        ErrorMinimizingNoise(augment="rotate")
+    with pytest.raises(ValueError, match="augment_noise needs augment"):
+        ErrorMinimizingNoise(augment_noise=True)
+    method = tiny_em(mode="classwise", max_rounds=1, augment="resized_crop_flip", augment_noise=True)
+    dm = datamodule(cifar_root)
+    dm.setup("fit")
+    method.fit(dm)
+    assert method.delta.shape == (10, 3, 32, 32) and 0 < method.delta.abs().max() <= 8 / 255 + 1e-7
+    assert method.config()["augment"] == "resized_crop_flip" and method.config()["augment_noise"] is True
+
 def test_em_samplewise_minimises_surrogate_loss(cifar_root, tmp_path, capsys):
     method = tiny_em(mode="samplewise", max_rounds=2)
     out = method.protect(datamodule(cifar_root), tmp_path / "ems", progress=False)

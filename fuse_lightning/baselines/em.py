@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fuse_lightning.baselines.base import Perturbation, resolve_device, seeded_per_index
-from fuse_lightning.data.base import random_crop_flip
+from fuse_lightning.data.base import random_crop_flip, random_resized_crop_flip
 from fuse_lightning.nets.classifiers import ClassifierName
 from fuse_lightning.nets.normalized import classifier_with_normalization
 
@@ -93,7 +93,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def pgd_min_samplewise(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     delta: torch.Tensor,
@@ -134,7 +134,7 @@ def pgd_min_samplewise(
 
 
 def pgd_min_classwise(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     class_delta: torch.Tensor,
@@ -228,7 +228,12 @@ class ErrorMinimizingNoise(Perturbation):
         classwise_update: Class-wise rule, "sample_mean" (the original implementation: the
             mean of the class's per-sample steps) or "summed_gradient" (one step along the
             class's summed gradient); see `pgd_min_classwise`. Ignored sample-wise.
-        augment: Random crop + flip when training the surrogate (the original trains without).
+        augment: Augmentation of the surrogate's training batches (the original trains without):
+            False; "crop_flip" (or True: 4-pixel padded random crop + flip, the CIFAR victim's);
+            "resized_crop_flip" (RandomResizedCrop's distribution + flip, the ImageNet victim's).
+        augment_noise: Also augment inside every PGD step, a fresh draw per step (expectation
+            over transformation): the noise then minimises the loss on augmented views, as a
+            victim with that augmentation sees them. Needs `augment`.
         unseen: "pgd" or "zero": sample-wise perturbation of images not in the fit set.
         amp: bfloat16 autocast on CUDA (ignored on CPU).
         device: Where the optimisation runs: "auto" (CUDA if available), "cpu", "cuda:0", ...
@@ -253,7 +258,8 @@ class ErrorMinimizingNoise(Perturbation):
         batch_size: int = 128,
         grad_clip: float | None = None,
         classwise_update: ClasswiseUpdate = "sample_mean",
-        augment: bool = False,
+        augment: bool | Literal["crop_flip", "resized_crop_flip"] = False,
+        augment_noise: bool = False,
         unseen: Literal["pgd", "zero"] = "pgd",
         amp: bool = True,
         device: str = "auto",
@@ -269,6 +275,10 @@ class ErrorMinimizingNoise(Perturbation):
             raise ValueError(
                 f"classwise_update must be 'sample_mean' or 'summed_gradient', got {classwise_update!r}"
             )
+        if augment not in (False, True, "crop_flip", "resized_crop_flip"):
+            raise ValueError(f"augment must be false, true, 'crop_flip' or 'resized_crop_flip', got {augment!r}")
+        if augment_noise and not augment:
+            raise ValueError("augment_noise needs augment ('crop_flip' or 'resized_crop_flip')")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or null, got {grad_clip}")
         if pgd_steps < 1 or train_steps < 0 or max_rounds < 1 or batch_size < 1:
@@ -288,6 +298,7 @@ class ErrorMinimizingNoise(Perturbation):
         self.grad_clip = grad_clip
         self.classwise_update = classwise_update
         self.augment = augment
+        self.augment_noise = augment_noise
         self.unseen = unseen
         self.amp = amp
         self.device = device
@@ -301,6 +312,14 @@ class ErrorMinimizingNoise(Perturbation):
         return f"em_{self.mode}"
 
     # ------------------------------------------------------------------ helpers
+    def _augmented(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` under this instance's augmentation (unchanged without one); differentiable."""
+        if self.augment == "resized_crop_flip":
+            return random_resized_crop_flip(x)
+        if self.augment:  # True or "crop_flip"
+            return random_crop_flip(x, 4)
+        return x
+
     def _perturbed(self, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         d = self.delta[y] if self.mode == "classwise" else self.delta[rows]
         return (x + d).clamp(0.0, 1.0)
@@ -360,8 +379,7 @@ class ErrorMinimizingNoise(Perturbation):
             rows = order[cursor : cursor + self.batch_size].to(dev)
             cursor += self.batch_size
             x = self._perturbed(images[rows].float() / 255, labels[rows], rows)
-            if self.augment:
-                x = random_crop_flip(x, 4)
+            x = self._augmented(x)
             with _autocast(dev, self.amp):
                 loss = F.cross_entropy(model(x).float(), labels[rows])
             optimizer.zero_grad(set_to_none=True)
@@ -379,16 +397,19 @@ class ErrorMinimizingNoise(Perturbation):
         n, dev = len(labels), images.device
         model.eval()
         model.requires_grad_(False)
+        # With augment_noise every PGD step sees a freshly augmented view (the PGD functions call
+        # the model once per step), so the noise must survive the victim's augmentation.
+        target = (lambda z: model(self._augmented(z))) if self.augment_noise else model
         bar = tqdm(range(0, n, self.batch_size), desc=f"EM round {round_}: PGD", disable=not self.progress, leave=False)
         for start in bar:
             rows = torch.arange(start, min(start + self.batch_size, n), device=dev)
             x, y = images[rows].float() / 255, labels[rows]
             if self.mode == "classwise":
                 self.delta = pgd_min_classwise(
-                    model, x, y, self.delta, eps, step, self.pgd_steps, self.amp, self.classwise_update
+                    target, x, y, self.delta, eps, step, self.pgd_steps, self.amp, self.classwise_update
                 )
             else:
-                self.delta[rows] = pgd_min_samplewise(model, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp)
+                self.delta[rows] = pgd_min_samplewise(target, x, y, self.delta[rows], eps, step, self.pgd_steps, self.amp)
         model.requires_grad_(True)
 
     # ------------------------------------------------------------------ fit
