@@ -39,6 +39,9 @@ ClasswiseUpdate = Literal["sample_mean", "summed_gradient"]
 
 # Constructor arguments that do not change the result (a state saved with others still fits).
 _STATE_NEUTRAL = ("device", "progress")
+# The stop rule bounds the rounds without changing any of them, so a state resumes under another
+# budget: a fit that ran out of rounds continues with a larger `max_rounds`.
+_STATE_BUDGET = ("max_rounds", "stop_accuracy")
 
 
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -528,12 +531,16 @@ class ErrorMinimizingNoise(Perturbation):
         Returns:
             (history, order, cursor) of the saved state, or None when there is no state file
             or it belongs to other settings or data (then the run starts from round 1 and the
-            file is overwritten after it).
+            file is overwritten after it). The stop rule's `max_rounds` and `stop_accuracy` may
+            differ: they bound the rounds without changing them.
         """
         if self.state_file is None or not Path(self.state_file).is_file():
             return None
         state = load_state(self.state_file)
-        if state.get("settings") != self._settings() or state.get("data") != fingerprint:
+        def rounds_defining(settings: Any) -> Any:
+            return {k: v for k, v in settings.items() if k not in _STATE_BUDGET} if isinstance(settings, dict) else settings
+
+        if rounds_defining(state.get("settings")) != rounds_defining(self._settings()) or state.get("data") != fingerprint:
             tqdm.write(f"[{self.name}] {self.state_file} was saved with other settings or data; starting over")
             return None
         model.load_state_dict(state["surrogate"])
