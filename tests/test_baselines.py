@@ -386,7 +386,8 @@ def test_em_resumes_after_a_kill_with_the_same_noise(cifar_root, tmp_path, monke
     monkeypatch.setattr(ErrorMinimizingNoise, "_on_round_end", hook)
     reference = tiny_em(max_rounds=3, augment=True)
     reference.protect(datamodule(cifar_root), tmp_path / "ref", progress=False)
-    assert rounds_run == [1, 2, 3] and not (tmp_path / "ref.em-state.pt").exists()
+    # stop_accuracy 1.01 is never met: the fit ends on max_rounds and keeps its state
+    assert rounds_run == [1, 2, 3] and (tmp_path / "ref.em-state.pt").is_file()
 
     rounds_run.clear()
     kill_after.append(1)
@@ -406,10 +407,33 @@ def test_em_resumes_after_a_kill_with_the_same_noise(cifar_root, tmp_path, monke
     assert [h["perturbed_acc"] for h in rerun.fit_info["history"]] == \
         [h["perturbed_acc"] for h in reference.fit_info["history"]]
     assert torch.equal(read_cifar(out, "cifar10", "train")[0], read_cifar(tmp_path / "ref", "cifar10", "train")[0])
-    assert not state_file.exists()  # deleted after the export
+    assert load_state(state_file)["round"] == 3  # kept (out of rounds), now after round 3
 
+
+def test_em_out_of_rounds_keeps_its_state_and_continues_with_a_larger_budget(cifar_root, tmp_path, capsys):
+    """A fit that ends on max_rounds short of its stop rule keeps the state beside the export;
+    rerun with a larger max_rounds it runs only the new rounds and ends where a fit with that
+    budget from the start ends. A converged fit deletes its state."""
+    reference = tiny_em(max_rounds=2)  # stop_accuracy 1.01: never met, the budget ends it
+    reference.protect(datamodule(cifar_root), tmp_path / "ref", progress=False)
+    assert not reference.fit_info["converged"] and (tmp_path / "ref.em-state.pt").is_file()
+
+    short = tiny_em(max_rounds=1)
+    short.protect(datamodule(cifar_root), tmp_path / "run", progress=False)
+    state_file = tmp_path / "run.em-state.pt"
+    assert state_file.is_file() and "ran out of rounds" in capsys.readouterr().out
+    longer = tiny_em(max_rounds=2)
+    longer.protect(datamodule(cifar_root), tmp_path / "run", overwrite=True, progress=False)
+    assert longer.fit_info["resumed_after_round"] == 1 and len(longer.fit_info["history"]) == 2
+    assert torch.equal(longer.delta, reference.delta)
+
+    done = tiny_em(max_rounds=1, stop_accuracy=0.0)  # met after round 1
+    done.protect(datamodule(cifar_root), tmp_path / "done", progress=False)
+    assert done.fit_info["converged"] and not (tmp_path / "done.em-state.pt").exists()
 
 def test_em_state_of_other_settings_is_not_resumed(cifar_root, tmp_path, monkeypatch):
+    from fuse_lightning.baselines.em import load_state
+
     rounds_run: list[int] = []
 
     def hook(self, round_, record):
@@ -425,4 +449,4 @@ def test_em_state_of_other_settings_is_not_resumed(cifar_root, tmp_path, monkeyp
     method = tiny_em(max_rounds=2, pgd_steps=2)
     method.protect(datamodule(cifar_root), tmp_path / "x", progress=False, state_dir=tmp_path / "states")
     assert rounds_run == [1, 1, 2] and method.fit_info["resumed_after_round"] == 0
-    assert not (tmp_path / "states" / "x.em-state.pt").exists()
+    assert load_state(tmp_path / "states" / "x.em-state.pt")["settings"]["pgd_steps"] == 2  # replaced

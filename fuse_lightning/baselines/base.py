@@ -147,7 +147,8 @@ class Perturbation:
         """Fit, then write the protected training set with its manifest.
 
         A method with a resumable `fit` (see `state_path`) continues from the state a killed
-        call with the same destination left behind; the state file is deleted after the export.
+        call with the same destination left behind; the state file is deleted after the export
+        unless `keep_state` says otherwise.
 
         Args:
             datamodule: A project DataModule (e.g. `CIFAR10DataModule`).
@@ -184,8 +185,20 @@ class Perturbation:
             subset_only=not whole_training_set,
         )
         if self.state_file is not None:
-            self.state_file.unlink(missing_ok=True)
+            if self.keep_state():
+                print(f"[{self.name}] kept {self.state_file}: the fit ran out of rounds before its stop rule; "
+                      "rerun with a larger budget (--overwrite) to continue from it")
+            else:
+                self.state_file.unlink(missing_ok=True)
         return path
+
+    def keep_state(self) -> bool:
+        """Whether `protect` keeps the resumable state after the export (default: no).
+
+        Returns:
+            True where a rerun with a larger budget should continue the fit (EM overrides this).
+        """
+        return False
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -554,6 +554,11 @@ class ErrorMinimizingNoise(Perturbation):
         tqdm.write(f"[{self.name}] resuming from {self.state_file} after round {state['round']}")
         return history, state["order"], int(state["cursor"])
 
+    def keep_state(self) -> bool:
+        """Keep the state when the fit ended on `max_rounds` short of its stop rule: a rerun with
+        a larger `max_rounds` then continues the fit instead of starting it over."""
+        return not self.fit_info.get("converged", True)
+
     def _on_round_end(self, round_: int, record: dict[str, float]) -> None:
         """Called after each round's state is saved (a hook for tests and subclasses)."""
 
