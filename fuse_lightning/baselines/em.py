@@ -44,6 +44,11 @@ _STATE_NEUTRAL = ("device", "progress")
 _STATE_BUDGET = ("max_rounds", "stop_accuracy")
 
 
+def _rounds_defining(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a saved state must share to be resumed: all but the budget."""
+    return {k: v for k, v in settings.items() if k not in _STATE_BUDGET}
+
+
 def save_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write a state dict with `torch.save` to a temporary sibling, then rename it into place.
 
@@ -537,10 +542,8 @@ class ErrorMinimizingNoise(Perturbation):
         if self.state_file is None or not Path(self.state_file).is_file():
             return None
         state = load_state(self.state_file)
-        def rounds_defining(settings: Any) -> Any:
-            return {k: v for k, v in settings.items() if k not in _STATE_BUDGET} if isinstance(settings, dict) else settings
-
-        if rounds_defining(state.get("settings")) != rounds_defining(self._settings()) or state.get("data") != fingerprint:
+        if _rounds_defining(state.get("settings") or {}) != _rounds_defining(self._settings()) \
+                or state.get("data") != fingerprint:
             tqdm.write(f"[{self.name}] {self.state_file} was saved with other settings or data; starting over")
             return None
         model.load_state_dict(state["surrogate"])
