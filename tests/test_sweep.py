@@ -362,15 +362,45 @@ def test_the_report_states_the_wall_time_behind_its_rows(basic: S.Sweep, tmp_pat
     monkeypatch.chdir(tmp_path)
     rows = [{"method": "noise", "wall_s": 1800.0}, {"method": "clean", "wall_s": "5400.0"}, {"method": "clean"}]
     assert L.compute_used(basic, rows[1:]) == "Wall time: victims 1.5 h (1 run)."  # clean needs no set
-    assert L.compute_used(basic, rows) == ("Wall time: victims 2.0 h (2 runs); making the protected sets 0.0 h "
-                                           "(0 of 1 sets' times recorded in this work dir).")
+    assert L.compute_used(basic, rows) == ("Wall time: victims 2.0 h (2 runs); making the 1 protected sets: no time "
+                                           f"recorded ({L._UNRECORDED}).")
     noise = basic.methods["noise"]
     assert L._prepare_one(noise, "/d", FakeExecutor(), log=lambda s: None)
     record = json.loads(noise.record_path.read_text())
-    assert record["wall_s"] >= 0
+    assert record["wall_s"] >= 0 and "started_unix" not in record
     noise.record_path.write_text(json.dumps(dict(record, wall_s=3600.0)))
-    assert "making the protected sets 1.0 h (1 of 1 sets'" in L.compute_used(basic, rows, "/d")
-    assert "making the protected sets 0.0 h (0 of 1 sets'" in L.compute_used(basic, rows, "/other")  # not current
+    assert "making the protected sets 1.0 h (all 1)." in L.compute_used(basic, rows, "/d")
+    assert "making the 1 protected sets: no time recorded" in L.compute_used(basic, rows, "/other")  # not current
+
+
+def test_a_resumed_preparation_counts_the_time_of_the_attempts_before_it(basic: S.Sweep, tmp_path: Path,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    noise = basic.methods["noise"]
+    clock = iter([100.0, 130.0, 500.0, 540.0, 900.0, 905.0])  # perf_counter at each attempt's start and end
+    monkeypatch.setattr(L, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=L.time.time))
+    assert not L._prepare_one(noise, "/d", lambda c, p, e: 3, log=lambda s: None)  # fails after 30 s
+    assert json.loads(noise.record_path.read_text())["earlier_wall_s"] == 30.0
+    assert not S.method_is_current(noise, "/d")
+
+    def killed(cmd, log_path, env):  # the sweep dies with the command: only the record written before it survives
+        log_path.write_text("progress\n")
+        started = json.loads(noise.record_path.read_text())["started_unix"]
+        os.utime(log_path, (started + 200.0, started + 200.0))  # its last output came 200 s after it started
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        L._prepare_one(noise, "/d", killed, log=lambda s: None)
+    record = json.loads(noise.record_path.read_text())
+    assert record["earlier_wall_s"] == 30.0 + 40.0  # the interrupted attempt's own clock: 540 - 500
+    # Had the process been killed outright, the record written at its start counts it until its last output.
+    noise.record_path.write_text(json.dumps({**record, "earlier_wall_s": 30.0,
+                                             "started_unix": (noise.method_dir / "prepare.log").stat().st_mtime - 200.0}))
+    assert L._earlier_attempts_s(noise, record["key"]) == pytest.approx(230.0)
+    assert L._earlier_attempts_s(noise, "another command") == 0.0
+    assert L._prepare_one(noise, "/d", FakeExecutor(), log=lambda s: None)  # resumes and finishes in 5 s
+    assert json.loads(noise.record_path.read_text())["wall_s"] == pytest.approx(235.0)
+    assert S.method_is_current(noise, "/d")
 
 
 def test_prepare_skips_current_sets_and_reports_failures(basic: S.Sweep):

@@ -190,25 +190,57 @@ def _set_aside(method: Method, log: Callable[[str], None]) -> None:
     log(f"[prepare] {method.name}: {old} was made by another command; moved to {aside}, preparing again")
 
 
+def _earlier_attempts_s(method: Method, key: str) -> float:
+    """Wall time spent by earlier, unfinished attempts of the same preparation command.
+
+    A preparation that resumes (a FUSE fit from its last checkpoint, EM from its state file)
+    continues the work of the attempts before it, so its set's time is the sum of all of them.
+    An attempt leaves an unfinished record (`earlier_wall_s`, plus `started_unix` while it
+    runs); one that was killed without writing its end is counted until the last write to its
+    `prepare.log`, the best evidence of when it stopped.
+    """
+    record = S.read_json(method.record_path)
+    if record is None or record.get("key") != key or "wall_s" in record:
+        return 0.0  # no attempt, another command's, or a finished one (its set was removed by hand)
+    earlier = float(record.get("earlier_wall_s", 0.0))
+    if "started_unix" in record:
+        try:
+            earlier += max(0.0, (method.method_dir / "prepare.log").stat().st_mtime - float(record["started_unix"]))
+        except OSError:
+            pass
+    return earlier
+
+
 def _prepare_one(method: Method, data_dir: str | os.PathLike, executor: Executor, log: Callable[[str], None]) -> bool:
     cmd = S.prepare_command(method, data_dir)
     if cmd is None:
         log(f"[prepare] {method.name}: {method.protected_dir} has no manifest.json and the method no command")
         return False
+    key = S.prepare_key(method, data_dir)
+    earlier = _earlier_attempts_s(method, key)
     _set_aside(method, log)
+    record = {"key": key, "command": S.portable(cmd)}
+    # Written before the command starts, so that a sweep killed mid-preparation still leaves its time.
+    R.atomic_write_text(method.record_path, json.dumps(
+        {**record, "earlier_wall_s": round(earlier, 1), "started_unix": time.time()}, indent=2))
     log_path = method.method_dir / "prepare.log"
     log(f"[prepare] {method.name}: {shlex.join(S.portable(cmd))}")
     start = time.perf_counter()
-    code = executor(cmd, log_path, None)
-    wall = time.perf_counter() - start
-    took = f"{wall:.0f}s"
+    try:
+        code = executor(cmd, log_path, None)
+    finally:
+        wall = time.perf_counter() - start
+        if not method.is_prepared:  # interrupted or failed: this attempt's time joins the earlier ones
+            R.atomic_write_text(method.record_path, json.dumps(
+                {**record, "earlier_wall_s": round(earlier + wall, 1)}, indent=2))
+    took = f"{wall:.0f}s" + (f" ({earlier + wall:.0f}s with {earlier:.0f}s of earlier attempts)" if earlier else "")
     if code != 0:
         log(f"[prepare] {method.name}: FAILED (exit {code}) after {took}; log {log_path}:\n{log_tail(log_path, 20)}")
         return False
     if not method.is_prepared:
         log(f"[prepare] {method.name}: the command succeeded but {method.protected_dir}/manifest.json is missing")
         return False
-    record = {"key": S.prepare_key(method, data_dir), "command": S.portable(cmd), "wall_s": round(wall, 1)}
+    record["wall_s"] = round(earlier + wall, 1)
     R.atomic_write_text(method.record_path, json.dumps(record, indent=2))
     log(f"[prepare] {method.name}: done in {took}")
     return True
@@ -219,7 +251,8 @@ def prepare_methods(sweep: Sweep, names: Sequence[str], data_dir: str | os.PathL
     """Make the protected sets that are missing or stale (`method_is_current`), one after another.
 
     A stale set is moved to `<protected_dir>.stale` first; the command's output goes to
-    `<method_dir>/prepare.log` and, after success, its key to `prepare.json`.
+    `<method_dir>/prepare.log`; `prepare.json` keeps its key and wall time (summed over the
+    interrupted attempts a resumed preparation continues).
 
     Returns:
         Names of the methods whose preparation failed (their runs are skipped).
@@ -377,11 +410,19 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
             continue
         if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
             recorded[method.name] = float(record["wall_s"])
-    if made:
-        text += (f"; making the protected sets {sum(recorded.values()) / 3600:.1f} h ({len(recorded)} of "
-                 f"{len(made)} sets' times recorded in this work dir"
-                 + (f": {', '.join(recorded)}" if 0 < len(recorded) < len(made) else "") + ")")
+    hours = f"{sum(recorded.values()) / 3600:.1f} h"
+    if made and len(recorded) == len(made):
+        text += f"; making the protected sets {hours} (all {len(made)})"
+    elif recorded:
+        text += (f"; making the protected sets {hours} for the {len(recorded)} of {len(made)} whose time is "
+                 f"recorded ({', '.join(recorded)}); {_UNRECORDED}")
+    elif made:
+        text += f"; making the {len(made)} protected sets: no time recorded ({_UNRECORDED})"
     return text + "."
+
+
+# Why a set's time can be missing: the sweep records it in `prepare.json` when it makes the set.
+_UNRECORDED = "a set made before times were recorded, or outside this work dir, has none"
 
 
 def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
