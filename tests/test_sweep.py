@@ -396,8 +396,9 @@ def test_a_resumed_preparation_counts_the_time_of_the_attempts_before_it(basic: 
     # Had the process been killed outright, the record written at its start counts it until its last output.
     noise.record_path.write_text(json.dumps({**record, "earlier_wall_s": 30.0,
                                              "started_unix": (noise.method_dir / "prepare.log").stat().st_mtime - 200.0}))
-    assert L._earlier_attempts_s(noise, record["key"]) == pytest.approx(230.0)
-    assert L._earlier_attempts_s(noise, "another command") == 0.0
+    log_path = noise.method_dir / "prepare.log"
+    assert L._earlier_attempts_s(noise, record["key"], log_path) == pytest.approx(230.0)
+    assert L._earlier_attempts_s(noise, "another command", log_path) == 0.0
     assert L._prepare_one(noise, "/d", FakeExecutor(), log=lambda s: None)  # resumes and finishes in 5 s
     assert json.loads(noise.record_path.read_text())["wall_s"] == pytest.approx(235.0)
     assert S.method_is_current(noise, "/d")

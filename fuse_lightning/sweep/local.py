@@ -190,14 +190,14 @@ def _set_aside(method: Method, log: Callable[[str], None]) -> None:
     log(f"[prepare] {method.name}: {old} was made by another command; moved to {aside}, preparing again")
 
 
-def _earlier_attempts_s(method: Method, key: str) -> float:
+def _earlier_attempts_s(method: Method, key: str, log_path: Path) -> float:
     """Wall time spent by earlier, unfinished attempts of the same preparation command.
 
     A preparation that resumes (a FUSE fit from its last checkpoint, EM from its state file)
     continues the work of the attempts before it, so its set's time is the sum of all of them.
     An attempt leaves an unfinished record (`earlier_wall_s`, plus `started_unix` while it
     runs); one that was killed without writing its end is counted until the last write to its
-    `prepare.log`, the best evidence of when it stopped.
+    `prepare.log` (`log_path`), the best evidence of when it stopped.
     """
     record = S.read_json(method.record_path)
     if record is None or record.get("key") != key or "wall_s" in record:
@@ -205,7 +205,7 @@ def _earlier_attempts_s(method: Method, key: str) -> float:
     earlier = float(record.get("earlier_wall_s", 0.0))
     if "started_unix" in record:
         try:
-            earlier += max(0.0, (method.method_dir / "prepare.log").stat().st_mtime - float(record["started_unix"]))
+            earlier += max(0.0, log_path.stat().st_mtime - float(record["started_unix"]))
         except OSError:
             pass
     return earlier
@@ -217,13 +217,13 @@ def _prepare_one(method: Method, data_dir: str | os.PathLike, executor: Executor
         log(f"[prepare] {method.name}: {method.protected_dir} has no manifest.json and the method no command")
         return False
     key = S.prepare_key(method, data_dir)
-    earlier = _earlier_attempts_s(method, key)
+    log_path = method.method_dir / "prepare.log"
+    earlier = _earlier_attempts_s(method, key, log_path)
     _set_aside(method, log)
     record = {"key": key, "command": S.portable(cmd)}
     # Written before the command starts, so that a sweep killed mid-preparation still leaves its time.
     R.atomic_write_text(method.record_path, json.dumps(
         {**record, "earlier_wall_s": round(earlier, 1), "started_unix": time.time()}, indent=2))
-    log_path = method.method_dir / "prepare.log"
     log(f"[prepare] {method.name}: {shlex.join(S.portable(cmd))}")
     start = time.perf_counter()
     try:
@@ -404,10 +404,7 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
             if m.spec.command is not None and m.protected_dir is not None and os.path.abspath(m.protected_dir) in read]
     recorded = {}
     for method in made:
-        try:
-            record = json.loads(method.record_path.read_text())
-        except (OSError, ValueError):
-            continue
+        record = S.read_json(method.record_path) or {}
         if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
             recorded[method.name] = float(record["wall_s"])
     hours = f"{sum(recorded.values()) / 3600:.1f} h"
