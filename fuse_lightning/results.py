@@ -33,6 +33,7 @@ __all__ = [
     "independent_differences",
     "independent_table",
     "markdown_table",
+    "method_colors",
     "paired_differences",
     "plot_acc_vs_cutoff",
     "plot_band_map",
@@ -493,6 +494,24 @@ def _cutoff_points(
     return points, families, x_none
 
 
+def method_colors(methods: Sequence[str]) -> dict[str, tuple[float, float, float, float]]:
+    """One RGBA color per method, all distinct for up to 20 methods.
+
+    Up to 10 methods get matplotlib's default cycle (tab10); beyond that tab20's dark shades come
+    first and its light shades after, so that method 11 no longer reuses method 1's color (tab10
+    repeats after 10, which drew the 11th method in the first one's color). Past 20 colors repeat.
+    """
+    import matplotlib
+
+    if len(methods) <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return {m: cmap(i) for i, m in enumerate(methods)}
+    cmap = matplotlib.colormaps["tab20"]
+    # tab20 pairs each hue as (dark, light) at indices (2k, 2k + 1): darks first, then lights.
+    order = [2 * k for k in range(10)] + [2 * k + 1 for k in range(10)]
+    return {m: cmap(order[i % 20]) for i, m in enumerate(methods)}
+
+
 def plot_acc_vs_cutoff(
     rows: Sequence[dict[str, Any]], path: str | os.PathLike, key: str = "val_acc"
 ) -> Path | None:
@@ -517,7 +536,7 @@ def plot_acc_vs_cutoff(
         return None
     methods = _ordered(r["method"] for r in rows)
     archs = [a for a in _ordered(r["arch"] for r in rows) if a in points]
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    colors = method_colors(methods)
     styles = _family_styles(families or ["none"])
     styles.setdefault("none", ("-", "o"))
     several = len(families) > 1

@@ -44,6 +44,34 @@ def tiny_rows() -> list[dict]:
     return rows
 
 
+def test_cutoff_plot_gives_every_method_its_own_color(tmp_path: Path, monkeypatch):
+    # 13 methods, as in the standard sweep: the default cycle (10 colors) would draw the 11th in
+    # the first one's color.
+    import matplotlib.axes
+
+    methods = [f"m{i}" for i in range(13)]
+    rows = [{"run_id": f"{m}__fastnet__{f}__s0", "method": m, "arch": "fastnet", "filter": f,
+             "seed": 0, "num_classes": 10, "val_acc": 0.1 + 0.05 * i}
+            for i, m in enumerate(methods) for f in ("none", "lowpass-ideal-0.5")]
+    colors = {}
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, xs, ys, *args, **kwargs):
+        if kwargs.get("label") in methods:
+            colors[kwargs["label"]] = tuple(kwargs["color"])
+        return original(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    assert R.plot_acc_vs_cutoff(rows, tmp_path / "acc.png") is not None
+    assert set(colors) == set(methods)
+    assert len(set(colors.values())) == 13
+    # up to 10 methods keep matplotlib's default cycle
+    import matplotlib
+
+    ten = R.method_colors(methods[:10])
+    assert ten["m0"] == matplotlib.colormaps["tab10"](0) and len(set(ten.values())) == 10
+
+
 def test_parsed_views_of_names():
     assert R.cutoff_of("none") == ("none", 1.0)
     assert R.cutoff_of("lowpass-gaussian-0.5") == ("gaussian", 0.5)
