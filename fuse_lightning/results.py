@@ -497,9 +497,9 @@ def _cutoff_points(
 def method_colors(methods: Sequence[str]) -> dict[str, tuple[float, float, float, float]]:
     """One RGBA color per method, all distinct for up to 20 methods.
 
-    Up to 10 methods get matplotlib's default cycle (tab10); beyond that tab20's dark shades come
-    first and its light shades after, so that method 11 no longer reuses method 1's color (tab10
-    repeats after 10, which drew the 11th method in the first one's color). Past 20 colors repeat.
+    Up to 10 methods get matplotlib's default cycle (tab10). Beyond that tab10 would repeat (the
+    11th method in the first one's color), so tab20 is used, its dark shades first and its light
+    shades after. Past 20 methods colors repeat.
     """
     import matplotlib
 

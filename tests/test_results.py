@@ -47,6 +47,7 @@ def tiny_rows() -> list[dict]:
 def test_cutoff_plot_gives_every_method_its_own_color(tmp_path: Path, monkeypatch):
     # 13 methods, as in the standard sweep: the default cycle (10 colors) would draw the 11th in
     # the first one's color.
+    import matplotlib
     import matplotlib.axes
 
     methods = [f"m{i}" for i in range(13)]
@@ -66,8 +67,6 @@ def test_cutoff_plot_gives_every_method_its_own_color(tmp_path: Path, monkeypatc
     assert set(colors) == set(methods)
     assert len(set(colors.values())) == 13
     # up to 10 methods keep matplotlib's default cycle
-    import matplotlib
-
     ten = R.method_colors(methods[:10])
     assert ten["m0"] == matplotlib.colormaps["tab10"](0) and len(set(ten.values())) == 10
 
