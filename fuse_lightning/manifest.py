@@ -13,7 +13,8 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["ManifestError", "find_manifest", "sha256_file", "verify_manifest", "write_manifest"]
+__all__ = ["ManifestError", "content_fingerprint", "find_manifest", "sha256_file", "verify_manifest",
+           "write_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 
@@ -72,6 +73,32 @@ def find_manifest(directory: str | os.PathLike) -> Path:
         f"or the manifest was removed. Re-export it, or skip the check with "
         f"--data.init_args.verify_manifest false if you trust the files"
     )
+
+
+def content_fingerprint(directory: str | os.PathLike, length: int = 16) -> str | None:
+    """A short fingerprint of a protected set's contents: equal for two sets exactly when every file
+    listed in their manifests has the same path and sha256.
+
+    Unlike the manifest's own hash it ignores the metadata (creation time, timings), so a set made
+    again by the same command has the same fingerprint only if it is byte-identical. Sweeps record
+    it with every victim run, which tells runs on a remade set from runs on the first one.
+
+    Args:
+        directory: The protected directory (or the dataset directory inside it).
+        length: Hex characters kept.
+
+    Returns:
+        The fingerprint, or None when there is no readable manifest with a `files` mapping.
+    """
+    try:
+        manifest = json.loads((find_manifest(directory) / MANIFEST_NAME).read_text())
+        files = manifest["files"]
+    except (ManifestError, OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(files, dict):
+        return None
+    canonical = json.dumps(sorted(files.items()), separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 
 def _safe_relative(rel: str, manifest_path: Path) -> str:

@@ -60,6 +60,7 @@ RESULT_FIELDS = (
     "num_classes",
     "wall_s",
     "protected_dir",
+    "protected_fingerprint",
     "command",
 )
 
@@ -360,6 +361,36 @@ def independent_table(
                 columns.append((label, {f: diffs.get((arch, f)) for f in filters}))
     return _filter_table(columns, filters,
                          lambda d: _difference_cell(d[:3], not np.isnan(d[1]), f"{d[3]}, {d[4]}"))
+
+
+def protected_sets_table(rows: Sequence[dict[str, Any]], methods: Sequence[str] | None = None) -> str:
+    """Markdown table of the protected sets each method's victims trained on, by fingerprint.
+
+    One row per method with at least one recorded `protected_fingerprint`: the number of distinct
+    sets and the runs on each (`unrecorded`: runs from before fingerprints were recorded). More
+    than one set means the set was made again and differs, so spread across its runs holds the
+    variance of making the set as well as that of training the victim. '' when nothing is recorded.
+    """
+    by_method: dict[str, dict[str, int]] = {}
+    for row in rows:
+        by_method.setdefault(str(row.get("method")), {})
+        fingerprint = row.get("protected_fingerprint") or "unrecorded"
+        counts = by_method[str(row.get("method"))]
+        counts[fingerprint] = counts.get(fingerprint, 0) + 1
+    order = [m for m in (methods or []) if m in by_method] + [m for m in by_method if m not in (methods or [])]
+    lines = []
+    for method in order:
+        counts = by_method[method]
+        recorded = [f for f in counts if f != "unrecorded"]
+        if not recorded:
+            continue
+        cells = ", ".join(f"`{f}`: {counts[f]}" for f in recorded)
+        if "unrecorded" in counts:
+            cells += f", unrecorded: {counts['unrecorded']}"
+        lines.append(f"| {method} | {len(recorded)} | {cells} |")
+    if not lines:
+        return ""
+    return "| method | sets recorded | victim runs per set |\n|---|---:|---|\n" + "\n".join(lines) + "\n"
 
 
 def _difference_cell(d: Sequence[float], with_interval: bool, count: str) -> str:
@@ -700,6 +731,10 @@ def write_report(
                  "[95 % CI, Welch's t] (runs of a, runs of b); `*`: the interval excludes 0; no interval while "
                  "a side has one run. Runs on one protected set share it, so with few sets the interval can "
                  "understate the variance of making a set again.\n\n" + welch)
+    if rows and (sets := protected_sets_table(rows, methods)):
+        text += ("\n## Protected sets\n\nThe sets each method's victims trained on, told apart by "
+                 "`protected_fingerprint` (a hash of the set's files, recorded with every run). A method "
+                 "with two or more sets was made again and came out different.\n\n" + sets)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

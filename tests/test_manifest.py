@@ -12,7 +12,7 @@ import torch
 
 from fuse_lightning.cli import main
 from fuse_lightning.data import CIFAR10DataModule
-from fuse_lightning.manifest import ManifestError, verify_manifest
+from fuse_lightning.manifest import ManifestError, content_fingerprint, verify_manifest
 from fuse_lightning.protect import protect_dataset
 
 
@@ -120,3 +120,18 @@ def test_export_of_the_subset_or_of_the_whole_training_set(tiny_cifar10: Path, t
     diff = protected.train_images.int() - clean.train_images.int()
     assert torch.equal(protected.train_labels, clean.train_labels)
     assert set(diff.unique().tolist()) <= {0, 1, 2} and bool((diff.flatten(1) == 2).any(1).all())
+
+
+def test_content_fingerprint_tells_remade_sets_apart(tiny_cifar10: Path, exported: Path, tmp_path: Path):
+    # The same perturbation exported again: other metadata (time, timings), same files.
+    again = protect_dataset(tiny_dm(tiny_cifar10), plus_two, tmp_path / "again", eps=8, progress=False)
+    first = content_fingerprint(exported)
+    assert first is not None and len(first) == 16
+    assert (exported / "manifest.json").read_bytes() != (again / "manifest.json").read_bytes()
+    assert content_fingerprint(again) == first
+    assert content_fingerprint(exported / "cifar-10-batches-py") == first  # the dataset dir inside
+    # One pixel level different everywhere: another set, another fingerprint.
+    other = protect_dataset(tiny_dm(tiny_cifar10), lambda x, y, i: torch.full_like(x, 3 / 255),
+                            tmp_path / "other", eps=8, progress=False)
+    assert content_fingerprint(other) != first
+    assert content_fingerprint(tmp_path / "nothing_here") is None

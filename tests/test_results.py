@@ -257,3 +257,18 @@ def test_independent_differences_pool_generators_and_match_welchs_formula(tmp_pa
     text = R.write_report(rows, tmp_path, "t", independent=comparisons)["table"].read_text()
     assert "## Independent-sample differences" in text and table[3] in text
     assert "## Independent-sample" not in R.write_report(rows, tmp_path / "b", "t")["table"].read_text()
+
+
+def test_report_counts_runs_per_protected_set(tmp_path: Path):
+    rows = [{"run_id": f"{m}__fastnet__none__s{s}", "method": m, "arch": "fastnet", "filter": "none", "seed": s,
+             "val_acc": 0.1, "protected_fingerprint": fp}
+            for m, s, fp in [("clean", 0, None), ("em", 0, "aaaa"), ("em", 1, "aaaa"), ("fuse", 0, None),
+                             ("fuse", 1, "bbbb"), ("fuse", 2, "cccc")]]
+    table = R.protected_sets_table(rows, methods=["fuse", "em", "clean"])
+    lines = table.strip().splitlines()
+    # clean has no protected set; fuse's was made twice more (two recorded sets, one run each)
+    assert lines[2:] == ["| fuse | 2 | `bbbb`: 1, `cccc`: 1, unrecorded: 1 |", "| em | 1 | `aaaa`: 2 |"]
+    assert R.protected_sets_table([r for r in rows if r["method"] == "clean"]) == ""
+    text = R.write_report(rows, tmp_path, "t", methods=["fuse", "em", "clean"])["table"].read_text()
+    assert "## Protected sets" in text and lines[2] in text
+    assert "protected_fingerprint" in (tmp_path / "results.csv").read_text().splitlines()[0]

@@ -276,7 +276,7 @@ class FakeExecutor:
         if "--out" in cmd:
             out = Path(value(cmd, "--out"))
             out.mkdir(parents=True, exist_ok=True)
-            (out / "manifest.json").write_text(json.dumps({"cmd": cmd}))
+            (out / "manifest.json").write_text(json.dumps({"cmd": cmd, "files": {"data": out.name}}))
             return 0
         run_dir = Path(value(cmd, "--trainer.default_root_dir"))
         if run_dir.name in self.fail:
@@ -320,6 +320,23 @@ def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep, tmp_pat
     summary = L.run_victims(basic, runs, "/data", executor=again, log=lambda s: None)
     assert len(again.calls) == 1 and summary.skipped == 3 and not summary.failed
     assert not (runs[1].run_dir / "failed.json").exists()
+
+
+def test_each_run_records_the_fingerprint_of_the_set_it_trained_on(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    basic = S.load_sweep(write_sweep(tmp_path, BASIC), ["--grid.arch", "[fastnet]", "--grid.filter", "[none]"])
+    runs = S.expand_grid(basic)
+    assert L.run_local(basic, "/d", executor=FakeExecutor()) == 0
+    rows = {r.run_id: json.loads(r.result_path.read_text()) for r in runs}
+    first = rows["noise__fastnet__none__s0"]["protected_fingerprint"]
+    assert first and len(first) == 16 and rows["noise__fastnet__none__s1"]["protected_fingerprint"] == first
+    assert rows["clean__fastnet__none__s0"]["protected_fingerprint"] is None
+    # The set made again with other contents: a run on it records another fingerprint.
+    manifest = basic.methods["noise"].protected_dir / "manifest.json"
+    manifest.write_text(json.dumps({"files": {"data": "changed"}}))
+    run = runs[0]
+    row = L.execute_run(basic, run, "/d", executor=FakeExecutor())
+    assert row["run_id"] == run.run_id and row["protected_fingerprint"] not in (None, first)
 
 
 def test_a_run_without_val_acc_fails(basic: S.Sweep):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fuse_lightning import results as R
+from fuse_lightning.manifest import content_fingerprint
 from fuse_lightning.sweep import spec as S
 from fuse_lightning.sweep.spec import Method, Run, Sweep
 
@@ -167,6 +168,9 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
     row = {"run_id": run.run_id, "method": run.method, "arch": run.arch, "filter": run.filter, "seed": run.seed,
            **{k: written.get(k) for k in RESULT_KEYS}, "wall_s": round(wall, 1),
            "protected_dir": S.portable([protected])[0] if protected else None,
+           # Which set the victim trained on: a set made again (a lost work dir) gets another
+           # fingerprint unless it is byte-identical, so its runs can be told apart.
+           "protected_fingerprint": content_fingerprint(protected) if protected else None,
            "data_dir": S.portable([data_dir])[0], "run_key": S.run_key(sweep, run, data_dir),
            "command": shlex.join(S.portable(cmd))}
     R.atomic_write_text(run.result_path, json.dumps(row, indent=2))
