@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "paired_differences",
     "plot_acc_vs_cutoff",
     "plot_band_map",
+    "protected_sets_table",
     "read_results",
     "spec_of",
     "stopband_of",
@@ -371,22 +373,19 @@ def protected_sets_table(rows: Sequence[dict[str, Any]], methods: Sequence[str] 
     than one set means the set was made again and differs, so spread across its runs holds the
     variance of making the set as well as that of training the victim. '' when nothing is recorded.
     """
-    by_method: dict[str, dict[str, int]] = {}
+    runs_per_set: dict[str, Counter] = {}  # method -> {fingerprint (None: unrecorded): runs}
     for row in rows:
-        by_method.setdefault(str(row.get("method")), {})
-        fingerprint = row.get("protected_fingerprint") or "unrecorded"
-        counts = by_method[str(row.get("method"))]
-        counts[fingerprint] = counts.get(fingerprint, 0) + 1
-    order = [m for m in (methods or []) if m in by_method] + [m for m in by_method if m not in (methods or [])]
+        runs_per_set.setdefault(str(row.get("method")), Counter())[row.get("protected_fingerprint") or None] += 1
+    listed = [m for m in methods or () if m in runs_per_set]
     lines = []
-    for method in order:
-        counts = by_method[method]
-        recorded = [f for f in counts if f != "unrecorded"]
+    for method in listed + [m for m in runs_per_set if m not in listed]:
+        counts = runs_per_set[method]
+        recorded = [f for f in counts if f is not None]
         if not recorded:
             continue
         cells = ", ".join(f"`{f}`: {counts[f]}" for f in recorded)
-        if "unrecorded" in counts:
-            cells += f", unrecorded: {counts['unrecorded']}"
+        if None in counts:
+            cells += f", unrecorded: {counts[None]}"
         lines.append(f"| {method} | {len(recorded)} | {cells} |")
     if not lines:
         return ""
