@@ -302,13 +302,18 @@ def run_item(name: str, device: torch.device, batch: int, steps: int, precision:
     return out
 
 
+def _child_pythonpath() -> str:
+    """The repository first, then the caller's PYTHONPATH (packages installed with `pip --target`)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def spawn_item(name: str, args: Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one item in a fresh process (with extra environment `env`) and return its JSON line."""
     cmd = [sys.executable, "-m", "fuse_lightning.bench", "--item", name, "--device", args.device,
            "--batch", str(args.batch), "--steps", str(args.steps)]
     if args.precision:
         cmd += ["--precision", args.precision]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}), "PYTHONPATH": str(REPO)})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}), "PYTHONPATH": _child_pythonpath()})
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -338,7 +343,7 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
         start = time.perf_counter()
         timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []  # peak RSS, KiB
         done = subprocess.run([*timer, *cmd], cwd=work, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONPATH": _child_pythonpath()})
         seconds = time.perf_counter() - start
         lines = done.stderr.strip().splitlines()
         peak_kib = lines.pop() if timer and lines else None  # GNU time prints its figure last

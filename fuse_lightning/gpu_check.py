@@ -90,7 +90,8 @@ def plan(args: Namespace, work: Path, data_dir: Path, victim_epochs: int) -> lis
                         str(REPO / "tests")], 150),
         Stage("bench", [sys.executable, "-m", "fuse_lightning.bench", "--device", "cpu" if args.smoke else "cuda",
                         "--batch", "512" if not args.smoke else "32", "--json", str(work / "bench.json")]
-              + (["--steps", "6"] if args.smoke else ["--precision", "bf16-mixed"]), 300),
+              + (["--steps", "6"] if args.smoke else ["--steps", str(args.bench_steps), "--precision", "bf16-mixed"]),
+              300),
         Stage("fuse", _cli("fit", "--config", "configs/fuse_cifar10.yaml", *gpu, *data, *limits, *quiet,
                            "--trainer.max_epochs", str(args.fuse_epochs),
                            "--trainer.max_time", f"00:00:{args.fuse_seconds // 60:02d}:{args.fuse_seconds % 60:02d}",
@@ -292,6 +293,9 @@ def build_parser() -> ArgumentParser:
                         help="A pack_cifar directory (JPEG mosaics) to unpack into the work dir.")
     parser.add_argument("--work_dir", type=str, default="outputs/gpu_check", help="Scratch directory of every stage.")
     parser.add_argument("--out", type=str, default="experiments/results/gpu_check", help="Report directory.")
+    # 100 steps: a GPU victim step takes ~11 ms, so 20 steps (the bench's CPU-sized default) is too
+    # short a window to measure the Lightning overhead.
+    parser.add_argument("--bench_steps", type=int, default=100, help="Training steps per bench item on the GPU.")
     parser.add_argument("--fuse_epochs", type=int, default=6, help="FUSE epochs (the stop rule may end earlier).")
     parser.add_argument("--fuse_seconds", type=int, default=90, help="FUSE wall-time cap in seconds (trainer.max_time).")
     parser.add_argument("--victim_minutes", type=float, default=0.5, help="Target training minutes per victim.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -118,3 +119,20 @@ def test_report_names_no_machine_paths(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     text = f"{gpu_check.sys.executable} -m fuse_lightning fit --data.data_dir {work}/data {gpu_check.REPO}/tests {out}/r"
     assert gpu_check.portable(text, work, out) == "python -m fuse_lightning fit --data.data_dir <work>/data ./tests <out>/r"
+
+
+def test_bench_items_keep_the_callers_pythonpath(tmp_path, monkeypatch):
+    """Bench items run in child processes: packages carried with `pip --target` stay importable."""
+    import subprocess
+    import sys
+
+    from fuse_lightning import bench
+
+    (tmp_path / "carried_pkg.py").write_text("VALUE = 7\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    path = bench._child_pythonpath()
+    assert path.split(os.pathsep)[0] == str(bench.REPO)
+    done = subprocess.run([sys.executable, "-c", "import carried_pkg, fuse_lightning; print(carried_pkg.VALUE)"],
+                          env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True, cwd="/")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "7"

@@ -379,6 +379,7 @@ def test_the_report_states_the_wall_time_behind_its_rows(basic: S.Sweep, tmp_pat
     monkeypatch.chdir(tmp_path)
     rows = [{"method": "noise", "wall_s": 1800.0}, {"method": "clean", "wall_s": "5400.0"}, {"method": "clean"}]
     assert L.compute_used(basic, rows[1:]) == "Wall time: victims 1.5 h (1 run)."  # clean needs no set
+    assert L.compute_used(basic, [{"method": "clean", "wall_s": 90.0}]) == "Wall time: victims 1.5 min (1 run)."
     assert L.compute_used(basic, rows) == ("Wall time: victims 2.0 h (2 runs); making the 1 protected sets: no time "
                                            f"recorded ({L._UNRECORDED}).")
     noise = basic.methods["noise"]

@@ -397,12 +397,17 @@ def sweep_rows(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> list[
     return split_results(sweep, data_dir)[0]
 
 
+def _duration(seconds: float) -> str:
+    """Hours for long work, minutes for short (a GPU sweep's 0.0 h says nothing)."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | os.PathLike | None = None) -> str:
     """One sentence on the wall time behind `rows`: the victims' (`wall_s` of each row, kept in
     results.csv) and making the protected sets they trained on (`wall_s` of each method's
     prepare.json in this work dir, where recorded and, given `data_dir`, current)."""
     victims = [float(r["wall_s"]) for r in rows if r.get("wall_s") not in (None, "")]
-    text = f"Wall time: victims {sum(victims) / 3600:.1f} h ({len(victims)} run{'s' * (len(victims) != 1)})"
+    text = f"Wall time: victims {_duration(sum(victims))} ({len(victims)} run{'s' * (len(victims) != 1)})"
     read = {os.path.abspath(d) for r in rows if (d := sweep.methods[r["method"]].protected_dir) is not None}
     made = [m for m in sweep.methods.values()  # the methods whose command made a set these rows read
             if m.spec.command is not None and m.protected_dir is not None and os.path.abspath(m.protected_dir) in read]
@@ -411,7 +416,7 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
         record = S.read_json(method.record_path) or {}
         if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
             recorded[method.name] = float(record["wall_s"])
-    hours = f"{sum(recorded.values()) / 3600:.1f} h"
+    hours = _duration(sum(recorded.values()))
     if made and len(recorded) == len(made):
         text += f"; making the protected sets {hours} (all {len(made)})"
     elif recorded:
