@@ -307,13 +307,18 @@ def _child_pythonpath() -> str:
     return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process: the caller's, `extra`, and the PYTHONPATH above."""
+    return {**os.environ, **(extra or {}), "PYTHONPATH": _child_pythonpath()}
+
+
 def spawn_item(name: str, args: Namespace, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one item in a fresh process (with extra environment `env`) and return its JSON line."""
     cmd = [sys.executable, "-m", "fuse_lightning.bench", "--item", name, "--device", args.device,
            "--batch", str(args.batch), "--steps", str(args.steps)]
     if args.precision:
         cmd += ["--precision", args.precision]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}), "PYTHONPATH": _child_pythonpath()})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(env))
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -343,7 +348,7 @@ def end_to_end(data_dir: str, work: Path) -> dict[str, Any]:
         start = time.perf_counter()
         timer = ["/usr/bin/time", "-f", "%M"] if Path("/usr/bin/time").exists() else []  # peak RSS, KiB
         done = subprocess.run([*timer, *cmd], cwd=work, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": _child_pythonpath()})
+                              env=_child_env())
         seconds = time.perf_counter() - start
         lines = done.stderr.strip().splitlines()
         peak_kib = lines.pop() if timer and lines else None  # GNU time prints its figure last

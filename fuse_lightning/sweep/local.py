@@ -416,11 +416,11 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
         record = S.read_json(method.record_path) or {}
         if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
             recorded[method.name] = float(record["wall_s"])
-    hours = _duration(sum(recorded.values()))
+    made_time = _duration(sum(recorded.values()))
     if made and len(recorded) == len(made):
-        text += f"; making the protected sets {hours} (all {len(made)})"
+        text += f"; making the protected sets {made_time} (all {len(made)})"
     elif recorded:
-        text += (f"; making the protected sets {hours} for the {len(recorded)} of {len(made)} whose time is "
+        text += (f"; making the protected sets {made_time} for the {len(recorded)} of {len(made)} whose time is "
                  f"recorded ({', '.join(recorded)}); {_UNRECORDED}")
     elif made:
         text += f"; making the {len(made)} protected sets: no time recorded ({_UNRECORDED})"
