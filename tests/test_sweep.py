@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -389,6 +390,23 @@ def test_the_report_states_the_wall_time_behind_its_rows(basic: S.Sweep, tmp_pat
     noise.record_path.write_text(json.dumps(dict(record, wall_s=3600.0)))
     assert "making the protected sets 1.0 h (all 1)." in L.compute_used(basic, rows, "/d")
     assert "making the 1 protected sets: no time recorded" in L.compute_used(basic, rows, "/other")  # not current
+
+
+def test_the_time_of_a_made_set_outlives_its_work_dir(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rows = [{"method": "noise", "wall_s": 1800.0}]
+    noise = basic.methods["noise"]
+    assert L._prepare_one(noise, "/d", FakeExecutor(), log=lambda s: None)
+    noise.record_path.write_text(json.dumps(dict(json.loads(noise.record_path.read_text()), wall_s=900.0)))
+    assert L.record_prepare_times(basic, "/d") and not L.record_prepare_times(basic, "/d")  # unchanged: no write
+    ledger = json.loads(L.prepare_times_path(basic).read_text())
+    assert ledger == {S.prepare_key(noise, "/d"): {"method": "noise", "wall_s": 900.0}}
+    shutil.rmtree(basic.work_dir)  # a fresh clone: the work dir is gone, the committed record stays
+    assert "making the protected sets 15.0 min (all 1)." in L.compute_used(basic, rows, "/d")
+    assert "no time recorded" in L.compute_used(basic, rows, "/other")  # another command: another set
+    # Entries that are not a number of seconds are ignored, never evaluated.
+    L.prepare_times_path(basic).write_text(json.dumps({S.prepare_key(noise, "/d"): {"wall_s": "900"}}))
+    assert "no time recorded" in L.compute_used(basic, rows, "/d")
 
 
 def test_a_resumed_preparation_counts_the_time_of_the_attempts_before_it(basic: S.Sweep, tmp_path: Path,

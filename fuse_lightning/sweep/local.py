@@ -411,11 +411,15 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
     read = {os.path.abspath(d) for r in rows if (d := sweep.methods[r["method"]].protected_dir) is not None}
     made = [m for m in sweep.methods.values()  # the methods whose command made a set these rows read
             if m.spec.command is not None and m.protected_dir is not None and os.path.abspath(m.protected_dir) in read]
+    ledger = read_prepare_times(sweep)
     recorded = {}
     for method in made:
         record = S.read_json(method.record_path) or {}
-        if "wall_s" in record and (data_dir is None or record.get("key") == S.prepare_key(method, data_dir)):
+        key = None if data_dir is None else S.prepare_key(method, data_dir)
+        if "wall_s" in record and (data_dir is None or record.get("key") == key):
             recorded[method.name] = float(record["wall_s"])
+        elif key in ledger:  # made on another machine or in a work dir since removed
+            recorded[method.name] = float(ledger[key]["wall_s"])
     made_time = _duration(sum(recorded.values()))
     if made and len(recorded) == len(made):
         text += f"; making the protected sets {made_time} (all {len(made)})"
@@ -427,14 +431,54 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
     return text + "."
 
 
-# Why a set's time can be missing: the sweep records it in `prepare.json` when it makes the set.
-_UNRECORDED = "a set made before times were recorded, or outside this work dir, has none"
+# Why a set's time can be missing: the sweep records it in `prepare.json` when it makes the set,
+# and the report copies it into the committed `prepare_times.json`.
+_UNRECORDED = "a set made before times were recorded has none"
+
+
+def prepare_times_path(sweep: Sweep) -> Path:
+    """The committed record of how long each protected set took to make, next to results.csv."""
+    return sweep.results_dir / "prepare_times.json"
+
+
+def read_prepare_times(sweep: Sweep) -> dict[str, dict[str, Any]]:
+    """`prepare_times.json`: `{prepare_key: {"method": name, "wall_s": seconds}}` (JSON only:
+    nothing in the file is executed); {} when missing or unreadable. Entries without a number
+    of seconds are left out."""
+    ledger = S.read_json(prepare_times_path(sweep)) or {}
+    return {k: v for k, v in ledger.items()
+            if isinstance(v, dict) and isinstance(v.get("wall_s"), (int, float)) and not isinstance(v.get("wall_s"), bool)}
+
+
+def record_prepare_times(sweep: Sweep, data_dir: str | os.PathLike) -> bool:
+    """Copy the time of every current, finished preparation in the work dir (`prepare.json`)
+    into `prepare_times.json`, so the report keeps it after the work dir is gone (work dirs are
+    not committed, like the runs whose rows results.csv keeps). Entries of other keys stay:
+    the record only grows. Returns whether the file changed."""
+    ledger = read_prepare_times(sweep)
+    changed = False
+    for method in sweep.methods.values():
+        key = S.prepare_key(method, data_dir)
+        if key is None or method.record_path is None:
+            continue  # no command (clean data, a set read as given): nothing was made here
+        record = S.read_json(method.record_path) or {}
+        if record.get("key") != key or not isinstance(record.get("wall_s"), (int, float)):
+            continue
+        entry = {"method": method.name, "wall_s": float(record["wall_s"])}
+        if ledger.get(key) != entry:
+            ledger[key], changed = entry, True
+    if changed:
+        R.atomic_write_text(prepare_times_path(sweep), json.dumps(dict(sorted(ledger.items())), indent=2) + "\n")
+    return changed
 
 
 def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
                        data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Write results.csv, table.md and plots of the current results into `sweep.results_dir`."""
+    """Write results.csv, table.md and plots of the current results into `sweep.results_dir`,
+    after copying the times of the protected sets made in the work dir into prepare_times.json."""
     rows, stale = split_results(sweep, data_dir)
+    if data_dir is not None:
+        record_prepare_times(sweep, data_dir)
     if stale:
         log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed since they "
             f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
