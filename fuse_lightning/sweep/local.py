@@ -414,12 +414,12 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
     ledger = read_prepare_times(sweep)
     recorded = {}
     for method in made:
-        record = S.read_json(method.record_path) or {}
         key = None if data_dir is None else S.prepare_key(method, data_dir)
-        if "wall_s" in record and (data_dir is None or record.get("key") == key):
-            recorded[method.name] = float(record["wall_s"])
-        elif key in ledger:  # made on another machine or in a work dir since removed
-            recorded[method.name] = float(ledger[key]["wall_s"])
+        seconds = _finished_wall_s(method, key)
+        if seconds is None and key in ledger:  # made on another machine or in a work dir since removed
+            seconds = ledger[key]["wall_s"]
+        if seconds is not None:
+            recorded[method.name] = seconds
     made_time = _duration(sum(recorded.values()))
     if made and len(recorded) == len(made):
         text += f"; making the protected sets {made_time} (all {len(made)})"
@@ -436,6 +436,18 @@ def compute_used(sweep: Sweep, rows: Sequence[dict[str, Any]], data_dir: str | o
 _UNRECORDED = "a set made before times were recorded has none"
 
 
+def _seconds(value: Any) -> float | None:
+    """A number of seconds read from JSON, or None (a string or a boolean is not one)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _finished_wall_s(method: Method, key: str | None) -> float | None:
+    """The wall time `prepare.json` in the work dir records for the method's finished
+    preparation with `key` (any key when None); None when there is none."""
+    record = (S.read_json(method.record_path) if method.record_path is not None else None) or {}
+    return None if key is not None and record.get("key") != key else _seconds(record.get("wall_s"))
+
+
 def prepare_times_path(sweep: Sweep) -> Path:
     """The committed record of how long each protected set took to make, next to results.csv."""
     return sweep.results_dir / "prepare_times.json"
@@ -446,8 +458,8 @@ def read_prepare_times(sweep: Sweep) -> dict[str, dict[str, Any]]:
     nothing in the file is executed); {} when missing or unreadable. Entries without a number
     of seconds are left out."""
     ledger = S.read_json(prepare_times_path(sweep)) or {}
-    return {k: v for k, v in ledger.items()
-            if isinstance(v, dict) and isinstance(v.get("wall_s"), (int, float)) and not isinstance(v.get("wall_s"), bool)}
+    return {k: {**v, "wall_s": seconds} for k, v in ledger.items()
+            if isinstance(v, dict) and (seconds := _seconds(v.get("wall_s"))) is not None}
 
 
 def record_prepare_times(sweep: Sweep, data_dir: str | os.PathLike) -> bool:
@@ -459,12 +471,9 @@ def record_prepare_times(sweep: Sweep, data_dir: str | os.PathLike) -> bool:
     changed = False
     for method in sweep.methods.values():
         key = S.prepare_key(method, data_dir)
-        if key is None or method.record_path is None:
-            continue  # no command (clean data, a set read as given): nothing was made here
-        record = S.read_json(method.record_path) or {}
-        if record.get("key") != key or not isinstance(record.get("wall_s"), (int, float)):
-            continue
-        entry = {"method": method.name, "wall_s": float(record["wall_s"])}
+        if key is None or (seconds := _finished_wall_s(method, key)) is None:
+            continue  # no command (clean data, a set read as given), or not made here
+        entry = {"method": method.name, "wall_s": seconds}
         if ledger.get(key) != entry:
             ledger[key], changed = entry, True
     if changed:
