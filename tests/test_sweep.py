@@ -323,6 +323,39 @@ def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep, tmp_pat
     assert not (runs[1].run_dir / "failed.json").exists()
 
 
+def test_runs_per_gpu_shares_each_gpu_between_that_many_victims(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    """`--runs_per_gpu 3` on two GPUs: at most three victims on each GPU at once (six in all),
+    every victim pinned to exactly one GPU with Lightning's GPU flags."""
+    import threading
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    runs = S.expand_grid(basic)
+    assert len(runs) >= 12
+    lock, running, peak, pinned = threading.Lock(), {"0": 0, "1": 0}, {"0": 0, "1": 0}, []
+
+    class Concurrent(FakeExecutor):
+        def __call__(self, cmd, log_path, env):
+            device = env["CUDA_VISIBLE_DEVICES"]
+            with lock:
+                pinned.append((device, value(cmd, "--trainer.accelerator"), value(cmd, "--trainer.devices")))
+                running[device] += 1
+                peak[device] = max(peak[device], running[device])
+            time.sleep(0.05)  # long enough for the pool to fill every slot
+            with lock:
+                running[device] -= 1
+            return super().__call__(cmd, log_path, env)
+
+    summary = L.run_victims(basic, runs, "/d", gpus=["0", "1"], executor=Concurrent(), log=lambda s: None,
+                            runs_per_gpu=3)
+    assert len(summary.finished) == len(runs) and not summary.failed
+    assert peak == {"0": 3, "1": 3}
+    assert {p[1:] for p in pinned} == {("gpu", "1")} and {p[0] for p in pinned} == {"0", "1"}
+    with pytest.raises(ValueError, match="runs_per_gpu"):
+        L.run_victims(basic, runs, "/d", gpus=["0"], runs_per_gpu=0, executor=FakeExecutor(), log=lambda s: None)
+    assert SW.main([str(basic.path), "--data_dir", "/d", "--runs_per_gpu", "0"]) == 2
+
+
 def test_each_run_records_the_fingerprint_of_the_set_it_trained_on(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     basic = S.load_sweep(write_sweep(tmp_path, BASIC), ["--grid.arch", "[fastnet]", "--grid.filter", "[none]"])

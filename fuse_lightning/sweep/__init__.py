@@ -63,6 +63,9 @@ def build_parser(**kwargs) -> ArgumentParser:
                        ("agent_run", "Run the one trial a W&B agent hands out (the sweep's command).")):
         group.add_argument(f"--{flag}", action=ActionYesNo, nargs="?", default=False, help=text)
     group.add_argument("--max_runs", type=int | None, default=None, help="Run at most N pending victims.")
+    group.add_argument("--runs_per_gpu", type=int, default=1,
+                       help="Victims sharing each GPU at once (local backend): small victims leave a large "
+                       "GPU idle while their loaders decode images.")
     return parser
 
 
@@ -110,7 +113,10 @@ def _run(parser: ArgumentParser, cfg: Namespace) -> int:
         raise SweepError(f"{sweep.path}: config file(s) not found: {missing}")
     if backend:
         return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run)
-    return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep))
+    if cfg.runs_per_gpu < 1:
+        raise SweepError(f"--runs_per_gpu must be at least 1, got {cfg.runs_per_gpu}")
+    return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep),
+                     runs_per_gpu=cfg.runs_per_gpu)
 
 
 def _whole_grid(sweep: Sweep) -> Sweep:

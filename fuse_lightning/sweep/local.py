@@ -317,8 +317,9 @@ class RunSummary:
 
 def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, gpus: Sequence[str] = (),
                 max_runs: int | None = None, executor: Executor = execute, log: Callable[[str], None] | None = None,
-                run_args: Callable[[Run], list[str]] | None = None) -> RunSummary:
-    """Run the victims without a current result: one at a time on CPU, one per GPU with GPUs.
+                run_args: Callable[[Run], list[str]] | None = None, runs_per_gpu: int = 1) -> RunSummary:
+    """Run the victims without a current result: one at a time on CPU, `runs_per_gpu` at once on
+    each GPU with GPUs.
 
     Args:
         sweep: The sweep.
@@ -329,7 +330,12 @@ def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, 
         executor: Runs a command; replaceable in tests.
         log: Progress output (default: the progress bar's `write`).
         run_args: Extra victim flags per run, outside `run_key` (e.g. a W&B logger).
+        runs_per_gpu: Victims sharing one GPU at once. A CPU-sized victim keeps a large GPU idle
+            while its data loader decodes images, so several side by side finish sooner; each
+            still sees one GPU and its own seed, so its result does not depend on this.
     """
+    if runs_per_gpu < 1:
+        raise ValueError(f"runs_per_gpu must be >= 1, got {runs_per_gpu}")
     from tqdm.auto import tqdm
 
     pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
@@ -339,7 +345,8 @@ def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, 
         return summary
     bar = tqdm(total=len(pending), desc=sweep.name, unit="run", dynamic_ncols=True)
     out, lock, counter, devices = log or bar.write, threading.Lock(), itertools.count(1), queue.Queue()
-    for device in gpus or [None]:
+    slots = [device for device in gpus for _ in range(runs_per_gpu)] or [None]
+    for device in slots:
         devices.put(device)
 
     def work(run: Run) -> None:
@@ -358,7 +365,7 @@ def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, 
             bar.update(1)
 
     with contextlib.closing(bar):
-        _in_pool(work, pending, max(1, len(gpus)))
+        _in_pool(work, pending, len(slots))
     return summary
 
 
@@ -526,7 +533,8 @@ def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = F
 
 
 def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, only_prepare: bool = False,
-              max_runs: int | None = None, executor: Executor = execute, report: Sweep | None = None) -> int:
+              max_runs: int | None = None, executor: Executor = execute, report: Sweep | None = None,
+              runs_per_gpu: int = 1) -> int:
     """Prepare the methods, run the pending victims, write the report (of `report`, default
     `sweep`: e.g. the file's whole grid when `sweep` is a narrowed pass); 1 if anything failed."""
     if dry_run:
@@ -545,8 +553,8 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
     gpus = visible_gpus()
     done = len(runs) - len(pending)
     print(f"{sweep.name}: {len(runs)} runs, {done} already done, on "
-          + (f"{len(gpus)} GPU(s) {','.join(gpus)}" if gpus else "CPU"))
-    summary = run_victims(sweep, runnable, data_dir, gpus, None, executor)
+          + (f"{len(gpus)} GPU(s) {','.join(gpus)}, {runs_per_gpu} victim(s) each at once" if gpus else "CPU"))
+    summary = run_victims(sweep, runnable, data_dir, gpus, None, executor, runs_per_gpu=runs_per_gpu)
     blocked = sum(r.method in failed_methods for r in chosen)
     return finish(sweep, data_dir, summary, failed_methods, blocked, report)
 
