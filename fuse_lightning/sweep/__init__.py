@@ -11,7 +11,7 @@ so a rerun skips finished runs and redoes runs whose settings changed. The resul
     fuse sweep configs/sweeps/cifar10_cpu.yaml --data_dir ../shared/data [--dry_run] [--backend wandb]
     fuse sweep configs/sweeps/cifar10_cpu.yaml --print_config
 
-Backends: `local` (`local.py`) runs victims here, one at a time on CPU or one per GPU;
+Backends: `local` (`local.py`) runs victims here, one at a time on CPU or `--runs_per_gpu` (default 1) per GPU;
 `wandb` (`wandb_backend.py`) serves a W&B grid sweep whose victims log live.
 """
 
@@ -55,7 +55,7 @@ def build_parser(**kwargs) -> ArgumentParser:
                        help="Dataset root (parent of cifar-10-batches-py); default $FUSE_DATA_DIR, else "
                        "'data' (with --report_only: the one each result was made with).")
     group.add_argument("--backend", type=Literal["local", "wandb"], default="local",
-                       help="local: here, one victim per GPU (or one at a time on CPU); wandb: a W&B "
+                       help="local: here, one victim per GPU (see --runs_per_gpu; one at a time on CPU); wandb: a W&B "
                        "grid sweep served by agents, victims logging live.")
     for flag, text in (("dry_run", "Print the commands; run nothing."),
                        ("only_prepare", "Only make the protected sets."),
