@@ -341,7 +341,7 @@ def test_runs_per_gpu_shares_each_gpu_between_that_many_victims(basic: S.Sweep, 
                 pinned.append((device, value(cmd, "--trainer.accelerator"), value(cmd, "--trainer.devices")))
                 running[device] += 1
                 peak[device] = max(peak[device], running[device])
-            time.sleep(0.05)  # long enough for the pool to fill every slot
+            time.sleep(0.2)  # long enough for the pool to fill every slot
             with lock:
                 running[device] -= 1
             return super().__call__(cmd, log_path, env)
