@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -326,9 +328,6 @@ def test_finished_runs_are_skipped_and_failures_recorded(basic: S.Sweep, tmp_pat
 def test_runs_per_gpu_shares_each_gpu_between_that_many_victims(basic: S.Sweep, tmp_path: Path, monkeypatch):
     """`--runs_per_gpu 3` on two GPUs: at most three victims on each GPU at once (six in all),
     every victim pinned to exactly one GPU with Lightning's GPU flags."""
-    import threading
-    import time
-
     monkeypatch.chdir(tmp_path)
     runs = S.expand_grid(basic)
     assert len(runs) >= 12

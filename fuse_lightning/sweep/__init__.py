@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 from jsonargparse import ActionYesNo, ArgumentParser, Namespace
+from jsonargparse.typing import PositiveInt
 
 from fuse_lightning.sweep.local import run_local, stop_children_on_exit, write_sweep_report
 from fuse_lightning.sweep.spec import (
@@ -63,7 +64,7 @@ def build_parser(**kwargs) -> ArgumentParser:
                        ("agent_run", "Run the one trial a W&B agent hands out (the sweep's command).")):
         group.add_argument(f"--{flag}", action=ActionYesNo, nargs="?", default=False, help=text)
     group.add_argument("--max_runs", type=int | None, default=None, help="Run at most N pending victims.")
-    group.add_argument("--runs_per_gpu", type=int, default=1,
+    group.add_argument("--runs_per_gpu", type=PositiveInt, default=1,
                        help="Victims sharing each GPU at once (local backend): small victims leave a large "
                        "GPU idle while their loaders decode images.")
     return parser
@@ -113,8 +114,6 @@ def _run(parser: ArgumentParser, cfg: Namespace) -> int:
         raise SweepError(f"{sweep.path}: config file(s) not found: {missing}")
     if backend:
         return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run)
-    if cfg.runs_per_gpu < 1:
-        raise SweepError(f"--runs_per_gpu must be at least 1, got {cfg.runs_per_gpu}")
     return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep),
                      runs_per_gpu=cfg.runs_per_gpu)
 
