@@ -33,12 +33,14 @@ __all__ = [
     "differences_table",
     "independent_differences",
     "independent_table",
+    "makings_table",
     "markdown_table",
     "method_colors",
     "paired_differences",
     "plot_acc_vs_cutoff",
     "plot_band_map",
     "protected_sets_table",
+    "read_csv_rows",
     "read_results",
     "spec_of",
     "stopband_of",
@@ -137,6 +139,35 @@ def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 # Aggregation
 # --------------------------------------------------------------------------------------------
+
+
+def _csv_cell(text: str) -> Any:
+    """A CSV cell read back: '' is None, numbers become int or float, the rest stays text."""
+    if text == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv_rows(path: str | os.PathLike, text_columns: Iterable[str] = ("run_id", "method", "arch", "filter",
+                  "protected_dir", "protected_fingerprint", "command", "data_dir", "run_key")) -> list[dict[str, Any]]:
+    """Rows of a results CSV (csv only: nothing in the file is executed), numbers converted except
+    in `text_columns`; [] when the file does not exist. Raises ValueError naming an unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text_columns = frozenset(text_columns)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read ({err}); repair or move the file") from err
+    return [{k: (v or None) if k in text_columns else _csv_cell(v) for k, v in row.items() if k is not None}
+            for row in rows]
 
 
 def _ordered(values: Iterable[Any]) -> list[Any]:
@@ -390,6 +421,52 @@ def protected_sets_table(rows: Sequence[dict[str, Any]], methods: Sequence[str] 
     if not lines:
         return ""
     return "| method | sets recorded | victim runs per set |\n|---|---:|---|\n" + "\n".join(lines) + "\n"
+
+
+def makings_table(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]],
+                  methods: Sequence[str] | None = None, filters: Sequence[str] | None = None) -> str:
+    """Markdown table of accuracy per protected set, for methods whose set was made again.
+
+    A superseded row (one that left results.csv, `results_superseded.csv`) counts when a current
+    row has its run id and its victim command but another `protected_fingerprint`: the same
+    victim, trained on a set made again that came out different. For every (arch, method) with
+    two or more sets among those rows and the current ones, one line per set (current sets first)
+    gives mean ± std (n) per filter, so the variance of making a set again is seen beside that of
+    training the victim. '' when no method has two sets.
+    """
+    current = {r["run_id"]: r for r in rows if r.get("run_id")}
+    earlier = [s for s in superseded
+               if (r := current.get(s.get("run_id"))) is not None and s.get("command") == r.get("command")
+               and s.get("protected_fingerprint") and r.get("protected_fingerprint")
+               and s["protected_fingerprint"] != r["protected_fingerprint"]]
+    if not earlier:
+        return ""
+    pool = [r for r in rows if r.get("protected_fingerprint")] + earlier
+    now = {(r["arch"], r["method"], r["protected_fingerprint"]) for r in rows if r.get("protected_fingerprint")}
+    values: dict[tuple[str, str], dict[str, dict[str, list[float]]]] = {}  # (arch, method) -> set -> filter -> %
+    for r in pool:
+        if r.get("val_acc") is None:
+            continue
+        by_set = values.setdefault((r["arch"], r["method"]), {})
+        by_set.setdefault(r["protected_fingerprint"], {}).setdefault(r["filter"], []).append(100.0 * float(r["val_acc"]))
+    filters = list(filters) if filters else _ordered(r["filter"] for r in pool)
+    order = {m: i for i, m in enumerate(methods or ())}
+    keys = sorted((k for k in values if len(values[k]) > 1), key=lambda k: (
+        _ordered(r["arch"] for r in pool).index(k[0]), order.get(k[1], len(order)), k[1]))
+    if not keys:
+        return ""
+    lines = ["| victim | method | set | " + " | ".join(filters) + " |", "|---|---|---|" + "---:|" * len(filters)]
+    for arch, method in keys:
+        by_set = values[(arch, method)]
+        for fingerprint in sorted(by_set, key=lambda f: ((arch, method, f) not in now, f)):
+            cells = []
+            for f in filters:
+                v = np.asarray(by_set[fingerprint].get(f, []), dtype=np.float64)
+                cells.append("–" if not len(v) else f"{v.mean():.1f}" + (
+                    f" ± {v.std(ddof=1):.1f} (n={len(v)})" if len(v) > 1 else " (n=1)"))
+            label = f"`{fingerprint}`" + (" (in results.csv)" if (arch, method, fingerprint) in now else " (superseded)")
+            lines.append(f"| {arch} | {method} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _difference_cell(d: Sequence[float], with_interval: bool, count: str) -> str:
@@ -692,6 +769,7 @@ def write_report(
     log: Callable[[str], None] | None = None,
     pairs: Sequence[Sequence[str]] = (),
     independent: Sequence[tuple[str, Sequence[str], str, Sequence[str]]] = (),
+    superseded: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Path]:
     """Write results.csv, table.md (accuracies, then paired differences) and plots into `results_dir`.
 
@@ -709,6 +787,8 @@ def write_report(
         pairs: `[a, b]` method pairs for the table of paired differences a − b (`differences_table`).
         independent: `(label a, methods a, label b, methods b)` for the table of independent-sample
             (Welch) differences (`independent_table`).
+        superseded: Rows that left results.csv (`results_superseded.csv`): runs on a set made
+            again that came out different are tabled per set (`makings_table`).
 
     Returns:
         `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map": path}` for the files
@@ -734,6 +814,12 @@ def write_report(
         text += ("\n## Protected sets\n\nThe sets each method's victims trained on, told apart by "
                  "`protected_fingerprint` (a hash of the set's files, recorded with every run). A method "
                  "with two or more sets was made again and came out different.\n\n" + sets)
+    if rows and (makings := makings_table(rows, superseded, methods, filters)):
+        text += ("\n## Sets made again\n\nClean test accuracy (%) per protected set, for the methods whose "
+                 "set was made again and came out different: the same victims (same commands and seeds) on "
+                 "each set. Rows of the superseded sets are kept in `results_superseded.csv`. The spread "
+                 "between a method's sets is the variance of making the set again, which the intervals above "
+                 "leave out.\n\n" + makings)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

@@ -554,6 +554,47 @@ def test_results_without_a_key_are_stale(basic: S.Sweep):
     assert S.read_result(run) is None and L.split_results(basic, "/d") == ([], [run.run_id])
 
 
+def test_rows_replaced_by_runs_on_a_set_made_again_are_kept_apart(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    """A set made again that comes out different: its victims' new rows replace the old ones in
+    results.csv, the old rows go to results_superseded.csv (once, however often the report is
+    written) and table.md gives each set's accuracy side by side."""
+    monkeypatch.chdir(tmp_path)
+    assert L.run_local(basic, "/d", executor=FakeExecutor()) == 0
+    before = {r["run_id"]: r for r in R.read_csv_rows(tmp_path / "results" / "results.csv")}
+    old_set = before["noise__fastnet__none__s0"]["protected_fingerprint"]
+    assert old_set and L.superseded_path(basic).exists() is False
+    remade = [r for r in S.expand_grid(basic) if r.method == "noise" and r.arch == "fastnet"]
+    for run in remade:  # the victims of the new set: another fingerprint, another accuracy
+        result = json.loads(run.result_path.read_text())
+        result.update(protected_fingerprint="0e12000000000000", val_acc=0.1 + 0.05 * run.seed)
+        run.result_path.write_text(json.dumps(result))
+
+    L.write_sweep_report(basic, log=lambda s: None, data_dir="/d")
+    after = {r["run_id"]: r for r in R.read_csv_rows(tmp_path / "results" / "results.csv")}
+    superseded = R.read_csv_rows(L.superseded_path(basic))
+    assert sorted(r["run_id"] for r in superseded) == sorted(r.run_id for r in remade)
+    assert all(r["protected_fingerprint"] == old_set and r["val_acc"] == pytest.approx(0.4) for r in superseded)
+    assert all(after[r.run_id]["protected_fingerprint"] == "0e12000000000000" for r in remade)
+    assert len(after) == len(before) == 16
+    text = (tmp_path / "results" / "table.md").read_text()
+    made_again = text.split("## Sets made again")[1]
+    # fastnet, none: seeds 0 and 1 at 10 % and 15 % on the new set, 40 % on the old one.
+    assert "| fastnet | noise | `0e12000000000000` (in results.csv) | 12.5 ± 3.5 (n=2) | 12.5 ± 3.5 (n=2) |" in made_again
+    assert f"| fastnet | noise | `{old_set}` (superseded) | 40.0 ± 0.0 (n=2) | 40.0 ± 0.0 (n=2) |" in made_again
+    assert "resnet18" not in made_again and "clean" not in made_again  # one set each
+
+    L.write_sweep_report(basic, log=lambda s: None, data_dir="/d")  # again: nothing new leaves
+    assert len(R.read_csv_rows(L.superseded_path(basic))) == len(remade)
+    # Other victim settings drop every row: they are kept too, but no set is compared on them.
+    changed = S.load_sweep(basic.path, ["--victim.overrides", "{trainer.max_epochs: 2}"])
+    L.write_sweep_report(changed, log=lambda s: None, data_dir="/d")
+    assert len(R.read_csv_rows(L.superseded_path(basic))) == len(remade) + 16
+    # An unreadable record stops the report with the file's name instead of being overwritten.
+    L.superseded_path(basic).write_bytes(b"run_id,val_acc\n\xff\xfe,1\n")
+    with pytest.raises(S.SweepError, match="results_superseded.csv: cannot read"):
+        L.write_sweep_report(changed, log=lambda s: None, data_dir="/d")
+
+
 def test_the_committed_results_csv_keeps_finished_runs(basic: S.Sweep, tmp_path: Path, monkeypatch):
     """Work dirs are not committed, results.csv is: on a fresh clone (no work dir) its rows with
     the current run_key count as done, are reported again with their numbers, and no protected

@@ -488,6 +488,44 @@ def record_prepare_times(sweep: Sweep, data_dir: str | os.PathLike) -> bool:
     return changed
 
 
+def superseded_path(sweep: Sweep) -> Path:
+    """The committed record of the rows that left results.csv, next to it."""
+    return sweep.results_dir / "results_superseded.csv"
+
+
+# What tells two records of one run apart: another command or set, or another number.
+_ROW_IDENTITY = ("run_id", "run_key", "command", "protected_fingerprint", "val_acc")
+
+
+def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The fields of `_ROW_IDENTITY`, an empty CSV cell read as None (as in result.json)."""
+    return tuple(None if row.get(k) == "" else row.get(k) for k in _ROW_IDENTITY)
+
+
+def keep_superseded(sweep: Sweep, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append to `results_superseded.csv` every row of the committed results.csv that the report
+    about to be written drops or replaces with a different record (a run repeated on a set made
+    again, or under other settings), so results.csv plus this file keep every finished run.
+    Returns all superseded rows, the new ones included; the file is written only when it grows."""
+    path = superseded_path(sweep)
+    try:
+        kept = R.read_csv_rows(path)
+    except ValueError as err:
+        raise S.SweepError(str(err)) from err
+    current = {r["run_id"]: r for r in rows}
+    seen = {_identity(r) for r in kept}
+    new = []
+    for run_id, old in S.recorded_results(sweep).items():
+        now = current.get(run_id)
+        identity = _identity(old)
+        if (now is None or identity != _identity(now)) and identity not in seen:
+            new.append(old)
+            seen.add(identity)
+    if new:
+        R.write_csv(kept + new, path)
+    return kept + new
+
+
 def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
                        data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write results.csv, table.md and plots of the current results into `sweep.results_dir`,
@@ -499,6 +537,7 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         log(f"{sweep.name}: {len(stale)} stale result(s) left out of the report (settings changed since they "
             f"ran; rerun the sweep to replace them): {', '.join(stale[:5])}" + (" ..." if len(stale) > 5 else ""))
     current = {r["run_id"] for r in rows}
+    superseded = keep_superseded(sweep, rows)
     if dropped := [i for i in S.recorded_results(sweep) if i not in current]:
         log(f"{sweep.name}: {len(dropped)} row(s) of {sweep.results_dir / 'results.csv'} leave it: not current "
             "(settings changed, recorded without a run key, or outside the grid): "
@@ -514,7 +553,7 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         + f". Sweep file: `{S.portable([sweep.path])[0]}`. " + compute_used(sweep, rows, data_dir))
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
                           filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare,
-                          independent=S.independent_comparisons(sweep))
+                          independent=S.independent_comparisons(sweep), superseded=superseded)
 
 
 # --------------------------------------------------------------------------------------------

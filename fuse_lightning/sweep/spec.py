@@ -461,7 +461,9 @@ def read_result(run: Run) -> dict[str, Any] | None:
 
 
 # results.csv columns kept as text when a recorded row is read back; the others become numbers.
-_TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir", "command", "data_dir", "run_key"})
+# A fingerprint is hex text: "1e10000000000000" must not become a float.
+_TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir", "protected_fingerprint", "command",
+                           "data_dir", "run_key"})
 
 
 def _csv_cell(text: str) -> Any:
