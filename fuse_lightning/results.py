@@ -31,6 +31,7 @@ __all__ = [
     "collect_results",
     "cutoff_of",
     "differences_table",
+    "earlier_makings",
     "independent_differences",
     "independent_table",
     "makings_table",
@@ -42,6 +43,7 @@ __all__ = [
     "protected_sets_table",
     "read_csv_rows",
     "read_results",
+    "set_means",
     "spec_of",
     "stopband_of",
     "write_csv",
@@ -423,6 +425,36 @@ def protected_sets_table(rows: Sequence[dict[str, Any]], methods: Sequence[str] 
     return "| method | sets recorded | victim runs per set |\n|---|---:|---|\n" + "\n".join(lines) + "\n"
 
 
+def earlier_makings(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The superseded rows of runs repeated on a set made again: a current row has the run id and
+    the victim command, with another `protected_fingerprint` (the same victim, another set)."""
+    current = {r["run_id"]: r for r in rows if r.get("run_id")}
+    return [s for s in superseded
+            if (r := current.get(s.get("run_id"))) is not None and s.get("command") == r.get("command")
+            and s.get("protected_fingerprint") and r.get("protected_fingerprint")
+            and s["protected_fingerprint"] != r["protected_fingerprint"]]
+
+
+def set_means(rows: Sequence[dict[str, Any]], key: str = "val_acc") -> list[dict[str, Any]]:
+    """One row per protected set: `key` averaged over the victims of each (arch, method, filter,
+    `protected_fingerprint`), so a set counts once however many victim seeds trained on it. Rows
+    without a fingerprint (clean data: nothing made, nothing to vary) stay one sample per run."""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    out = []
+    for row in rows:
+        if row.get(key) in (None, ""):
+            continue
+        if not row.get("protected_fingerprint"):
+            out.append(row)
+            continue
+        groups.setdefault((row["arch"], row["method"], row["filter"], row["protected_fingerprint"]),
+                          []).append(float(row[key]))
+    for (arch, method, filter_name, fingerprint), values in groups.items():
+        out.append({"arch": arch, "method": method, "filter": filter_name, "protected_fingerprint": fingerprint,
+                    key: float(np.mean(values))})
+    return out
+
+
 def makings_table(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]],
                   methods: Sequence[str] | None = None, filters: Sequence[str] | None = None) -> str:
     """Markdown table of accuracy per protected set, for methods whose set was made again.
@@ -434,11 +466,7 @@ def makings_table(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str,
     gives mean ± std (n) per filter, so the variance of making a set again is seen beside that of
     training the victim. '' when no method has two sets.
     """
-    current = {r["run_id"]: r for r in rows if r.get("run_id")}
-    earlier = [s for s in superseded
-               if (r := current.get(s.get("run_id"))) is not None and s.get("command") == r.get("command")
-               and s.get("protected_fingerprint") and r.get("protected_fingerprint")
-               and s["protected_fingerprint"] != r["protected_fingerprint"]]
+    earlier = earlier_makings(rows, superseded)
     if not earlier:
         return ""
     pool = [r for r in rows if r.get("protected_fingerprint")] + earlier
@@ -820,6 +848,14 @@ def write_report(
                  "each set. Rows of the superseded sets are kept in `results_superseded.csv`. The spread "
                  "between a method's sets is the variance of making the set again, which the intervals above "
                  "leave out.\n\n" + makings)
+        comparisons = list(independent) + [(a, [a], b, [b]) for a, b in pairs]
+        sets = set_means(list(rows) + earlier_makings(rows, superseded))
+        if welch_sets := independent_table(sets, comparisons, filters):
+            text += ("\n## Set-level differences\n\nThe comparisons above with each protected set as one sample "
+                     "(its mean over the victims that trained on it), every making of it counted, so the "
+                     "variance of making a set again is in the interval; clean data (nothing made) keeps one "
+                     "sample per run: mean [95 % CI, Welch's t] (samples of a, samples of b); no interval while "
+                     "a side has one.\n\n" + welch_sets)
     written["table"] = atomic_write_text(results_dir / "table.md", text)
     if rows:
         if p := plot_acc_vs_cutoff(rows, results_dir / "acc_vs_cutoff.png"):

@@ -272,3 +272,16 @@ def test_report_counts_runs_per_protected_set(tmp_path: Path):
     text = R.write_report(rows, tmp_path, "t", methods=["fuse", "em", "clean"])["table"].read_text()
     assert "## Protected sets" in text and lines[2] in text
     assert "protected_fingerprint" in (tmp_path / "results.csv").read_text().splitlines()[0]
+
+
+def test_set_means_count_each_protected_set_once():
+    rows = [{"arch": "a", "method": "fuse", "filter": "none", "protected_fingerprint": "f1", "val_acc": v}
+            for v in (0.2, 0.4, 0.3)]
+    rows += [{"arch": "a", "method": "fuse", "filter": "none", "protected_fingerprint": "f2", "val_acc": 0.6},
+             {"arch": "a", "method": "fuse", "filter": "jpeg-10", "protected_fingerprint": "f1", "val_acc": 0.5},
+             {"arch": "a", "method": "clean", "filter": "none", "protected_fingerprint": None, "val_acc": 0.7},
+             {"arch": "a", "method": "clean", "filter": "none", "protected_fingerprint": "", "val_acc": 0.8},
+             {"arch": "a", "method": "fuse", "filter": "none", "protected_fingerprint": "f3", "val_acc": None}]
+    sets = {(r["method"], r["filter"], r["protected_fingerprint"]): r["val_acc"] for r in R.set_means(rows)}
+    assert sets == {("fuse", "none", "f1"): pytest.approx(0.3), ("fuse", "none", "f2"): 0.6,
+                    ("fuse", "jpeg-10", "f1"): 0.5, ("clean", "none", None): 0.7, ("clean", "none", ""): 0.8}

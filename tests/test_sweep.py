@@ -581,7 +581,13 @@ def test_rows_replaced_by_runs_on_a_set_made_again_are_kept_apart(basic: S.Sweep
     # fastnet, none: seeds 0 and 1 at 10 % and 15 % on the new set, 40 % on the old one.
     assert "| fastnet | noise | `0e12000000000000` (in results.csv) | 12.5 ± 3.5 (n=2) | 12.5 ± 3.5 (n=2) |" in made_again
     assert f"| fastnet | noise | `{old_set}` (superseded) | 40.0 ± 0.0 (n=2) | 40.0 ± 0.0 (n=2) |" in made_again
-    assert "resnet18" not in made_again and "clean" not in made_again  # one set each
+    assert "resnet18" not in made_again.split("## Set-level")[0] and "clean" not in made_again.split("## Set-level")[0]
+    # Set level: noise's two fastnet sets (12.5 and 40 %) against clean's two runs (40 % each).
+    compared = S.load_sweep(basic.path, ["--compare", "[[noise, clean]]"])
+    L.write_sweep_report(compared, log=lambda s: None, data_dir="/d")
+    set_level = (tmp_path / "results" / "table.md").read_text().split("## Set-level differences")[1]
+    fastnet_none = next(line for line in set_level.splitlines() if line.startswith("| none |"))
+    assert "| -13.8 [" in fastnet_none and "(2, 2)" in fastnet_none
 
     L.write_sweep_report(basic, log=lambda s: None, data_dir="/d")  # again: nothing new leaves
     assert len(R.read_csv_rows(L.superseded_path(basic))) == len(remade)
