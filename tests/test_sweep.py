@@ -255,6 +255,14 @@ def test_cli_help_print_config_and_dry_run(basic: S.Sweep, tmp_path: Path, capsy
     assert SW.main([str(basic.path), "--dry_run", "--data_dir", "/d"]) == 0
     out = capsys.readouterr().out
     assert out.count("fuse_lightning fit") == 16 and out.count("fuse_lightning baseline") == 1
+    run = S.expand_grid(basic)[0]  # one finished run, made with /d: under /e it would run again
+    run.run_dir.mkdir(parents=True)
+    run.result_path.write_text(json.dumps({"run_id": run.run_id, "val_acc": 0.5, "data_dir": "/d",
+                                           "run_key": S.run_key(basic, run, "/d")}))
+    assert SW.main([str(basic.path), "--dry_run", "--data_dir", "/e"]) == 2
+    assert "1 finished run(s) were made with another data dir: /d" in capsys.readouterr().err
+    assert SW.main([str(basic.path), "--dry_run", "--data_dir", "/e", "--new_data_dir", "true"]) == 0
+    assert capsys.readouterr().out.count("fuse_lightning fit") == 16
     assert SW.main([str(basic.path), "--grid.arch", "[nosuchnet]"]) == 2
     assert "grid.arch" in capsys.readouterr().err
     bad = write_sweep(tmp_path, BASIC.replace("  clean: {}", "  clean: {comand: fit}"), "bad.yaml")
@@ -624,6 +632,18 @@ def test_the_committed_results_csv_keeps_finished_runs(basic: S.Sweep, tmp_path:
     assert L.run_local(basic, "/d", executor=again) == 0
     assert again.calls == [] and csv_path.read_text() == before
     assert "16 of 16 runs finished" in (tmp_path / "results" / "table.md").read_text()
+    # The same runs under another data dir would all run again: refused, naming the recorded one,
+    # dry run included, unless asked for.
+    for dry in (False, True):
+        with pytest.raises(S.SweepError, match=r"16 finished run\(s\) were made with another data dir: \S*/d \(16 run"):
+            L.run_local(basic, "/copy", dry_run=dry, executor=FakeExecutor())
+    assert csv_path.read_text() == before
+    moved = FakeExecutor()
+    assert L.run_local(basic, "/copy", executor=moved, new_data_dir=True) == 0
+    assert len(moved.calls) == 1 + 16 and value(moved.calls[1], "--data.init_args.data_dir") == "/copy"
+    assert L.run_local(basic, "/copy", executor=FakeExecutor()) == 0  # now recorded with /copy
+    csv_path.write_text(before)
+    shutil.rmtree(tmp_path / "work")  # back to the fresh clone: only the /d record
 
     # One noise row missing: the noise set is made again for it and that one victim runs.
     lines = before.splitlines(keepends=True)

@@ -64,6 +64,9 @@ def build_parser(**kwargs) -> ArgumentParser:
                        ("agent_run", "Run the one trial a W&B agent hands out (the sweep's command).")):
         group.add_argument(f"--{flag}", action=ActionYesNo, nargs="?", default=False, help=text)
     group.add_argument("--max_runs", type=int | None, default=None, help="Run at most N pending victims.")
+    group.add_argument("--new_data_dir", action=ActionYesNo, nargs="?", default=False,
+                       help="Run again the finished runs made with another data dir (refused by default: "
+                       "the run key covers the data path, so a moved dataset would repeat every run).")
     group.add_argument("--runs_per_gpu", type=PositiveInt, default=1,
                        help="Victims sharing each GPU at once (local backend): small victims leave a large "
                        "GPU idle while their loaders decode images.")
@@ -115,7 +118,7 @@ def _run(parser: ArgumentParser, cfg: Namespace) -> int:
     if backend:
         return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run)
     return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep),
-                     runs_per_gpu=cfg.runs_per_gpu)
+                     runs_per_gpu=cfg.runs_per_gpu, new_data_dir=cfg.new_data_dir)
 
 
 def _whole_grid(sweep: Sweep) -> Sweep:

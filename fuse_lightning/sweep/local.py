@@ -571,15 +571,37 @@ def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = F
         print(f"# {state}{run.run_id}\n{shlex.join(S.victim_command(sweep, run, data_dir))}")
 
 
+def check_data_dir(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike) -> None:
+    """Refuse to repeat finished runs only because the data dir is spelled differently: a run
+    whose result is current under the data dir it recorded but not under `data_dir` (the same
+    dataset copied elsewhere, or another one) would run again, hours of work on a large grid."""
+    elsewhere = {}
+    for run in runs:
+        if not S.result_is_current(sweep, run, data_dir) and (row := S.current_result(sweep, run, None)):
+            elsewhere.setdefault(row["data_dir"], []).append(run.run_id)
+    if elsewhere:
+        recorded = ", ".join(f"{d} ({len(ids)} run(s), e.g. {ids[0]})" for d, ids in elsewhere.items())
+        raise S.SweepError(
+            f"{sum(map(len, elsewhere.values()))} finished run(s) were made with another data dir: {recorded}; "
+            f"with --data_dir {data_dir} they would all run again (the run key covers the data path). Pass the "
+            "recorded data dir to keep them (a link to this copy there will do), or --new_data_dir true to run "
+            "them again on this one.")
+
+
 def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, only_prepare: bool = False,
               max_runs: int | None = None, executor: Executor = execute, report: Sweep | None = None,
-              runs_per_gpu: int = 1) -> int:
+              runs_per_gpu: int = 1, new_data_dir: bool = False) -> int:
     """Prepare the methods, run the pending victims, write the report (of `report`, default
-    `sweep`: e.g. the file's whole grid when `sweep` is a narrowed pass); 1 if anything failed."""
+    `sweep`: e.g. the file's whole grid when `sweep` is a narrowed pass); 1 if anything failed.
+
+    Raises SweepError when finished runs were made with another data dir and would all run again
+    (the run key covers the data path), unless `new_data_dir`."""
+    runs = S.expand_grid(sweep)
+    if not new_data_dir:
+        check_data_dir(sweep, runs, data_dir)
     if dry_run:
         print_plan(sweep, data_dir, only_prepare)
         return 0
-    runs = S.expand_grid(sweep)
     pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
     # --max_runs N: prepare only for the N runs this pass will run; the others keep waiting.
     chosen = pending[:max_runs] if max_runs is not None else pending
