@@ -9,7 +9,6 @@ set still belongs to the sweep's current settings.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import itertools
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from fuse_lightning import results as R
 
 GRID_KEYS = ("method", "arch", "filter", "seed")
 RESULT_WRITER = "fuse_lightning.callbacks.ResultWriter"
@@ -466,26 +467,13 @@ _TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir"
                            "data_dir", "run_key"})
 
 
-def _csv_cell(text: str) -> Any:
-    if text == "":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 @functools.lru_cache(maxsize=8)
 def _read_recorded(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise SweepError(f"{path}: cannot read the recorded results ({err}); repair or move the file") from err
-    return {row["run_id"]: {k: v if k in _TEXT_COLUMNS else _csv_cell(v) for k, v in row.items() if k is not None}
-            for row in rows if row.get("run_id")}
+        rows = R.read_csv_rows(path, _TEXT_COLUMNS)
+    except ValueError as err:
+        raise SweepError(f"{err} (the recorded results)") from err
+    return {row["run_id"]: row for row in rows if row.get("run_id")}
 
 
 def recorded_results(sweep: Sweep) -> dict[str, dict[str, Any]]:
