@@ -24,6 +24,7 @@ import numpy as np
 
 __all__ = [
     "RESULT_FIELDS",
+    "TEXT_COLUMNS",
     "aggregate",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -155,8 +156,13 @@ def _csv_cell(text: str) -> Any:
     return text
 
 
-def read_csv_rows(path: str | os.PathLike, text_columns: Iterable[str] = ("run_id", "method", "arch", "filter",
-                  "protected_dir", "protected_fingerprint", "command", "data_dir", "run_key")) -> list[dict[str, Any]]:
+# Result columns kept as text when a CSV is read back; the others become numbers. A fingerprint
+# is hex text: "1e10000000000000" must not become a float.
+TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir", "protected_fingerprint", "command",
+                          "data_dir", "run_key"})
+
+
+def read_csv_rows(path: str | os.PathLike, text_columns: Iterable[str] = TEXT_COLUMNS) -> list[dict[str, Any]]:
     """Rows of a results CSV (csv only: nothing in the file is executed), numbers converted except
     in `text_columns`; [] when the file does not exist. Raises ValueError naming an unreadable file."""
     path = Path(path)
@@ -479,8 +485,9 @@ def makings_table(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str,
         by_set.setdefault(r["protected_fingerprint"], {}).setdefault(r["filter"], []).append(100.0 * float(r["val_acc"]))
     filters = list(filters) if filters else _ordered(r["filter"] for r in pool)
     order = {m: i for i, m in enumerate(methods or ())}
-    keys = sorted((k for k in values if len(values[k]) > 1), key=lambda k: (
-        _ordered(r["arch"] for r in pool).index(k[0]), order.get(k[1], len(order)), k[1]))
+    archs = _ordered(r["arch"] for r in pool)
+    keys = sorted((k for k in values if len(values[k]) > 1),
+                  key=lambda k: (archs.index(k[0]), order.get(k[1], len(order)), k[1]))
     if not keys:
         return ""
     lines = ["| victim | method | set | " + " | ".join(filters) + " |", "|---|---|---|" + "---:|" * len(filters)]

@@ -498,8 +498,7 @@ _ROW_IDENTITY = ("run_id", "run_key", "command", "protected_fingerprint", "val_a
 
 
 def _identity(row: dict[str, Any]) -> tuple[Any, ...]:
-    """The fields of `_ROW_IDENTITY`, an empty CSV cell read as None (as in result.json)."""
-    return tuple(None if row.get(k) == "" else row.get(k) for k in _ROW_IDENTITY)
+    return tuple(row.get(k) for k in _ROW_IDENTITY)
 
 
 def keep_superseded(sweep: Sweep, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -571,13 +570,13 @@ def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = F
         print(f"# {state}{run.run_id}\n{shlex.join(S.victim_command(sweep, run, data_dir))}")
 
 
-def check_data_dir(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike) -> None:
-    """Refuse to repeat finished runs only because the data dir is spelled differently: a run
-    whose result is current under the data dir it recorded but not under `data_dir` (the same
-    dataset copied elsewhere, or another one) would run again, hours of work on a large grid."""
+def check_data_dir(sweep: Sweep, pending: Sequence[Run], data_dir: str | os.PathLike) -> None:
+    """Refuse to repeat finished runs only because the data dir is spelled differently: a pending
+    run (not current under `data_dir`) whose result is current under the data dir it recorded (the
+    same dataset copied elsewhere, or another one) would run again, hours of work on a large grid."""
     elsewhere = {}
-    for run in runs:
-        if not S.result_is_current(sweep, run, data_dir) and (row := S.current_result(sweep, run, None)):
+    for run in pending:
+        if row := S.current_result(sweep, run, None):
             elsewhere.setdefault(row["data_dir"], []).append(run.run_id)
     if elsewhere:
         recorded = ", ".join(f"{d} ({len(ids)} run(s), e.g. {ids[0]})" for d, ids in elsewhere.items())
@@ -597,12 +596,12 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
     Raises SweepError when finished runs were made with another data dir and would all run again
     (the run key covers the data path), unless `new_data_dir`."""
     runs = S.expand_grid(sweep)
+    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
     if not new_data_dir:
-        check_data_dir(sweep, runs, data_dir)
+        check_data_dir(sweep, pending, data_dir)
     if dry_run:
         print_plan(sweep, data_dir, only_prepare)
         return 0
-    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
     # --max_runs N: prepare only for the N runs this pass will run; the others keep waiting.
     chosen = pending[:max_runs] if max_runs is not None else pending
     names = sweep.grid.method if only_prepare else methods_to_prepare(sweep, chosen)

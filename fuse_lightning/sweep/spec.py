@@ -461,16 +461,10 @@ def read_result(run: Run) -> dict[str, Any] | None:
     return read_json(run.result_path)
 
 
-# results.csv columns kept as text when a recorded row is read back; the others become numbers.
-# A fingerprint is hex text: "1e10000000000000" must not become a float.
-_TEXT_COLUMNS = frozenset({"run_id", "method", "arch", "filter", "protected_dir", "protected_fingerprint", "command",
-                           "data_dir", "run_key"})
-
-
 @functools.lru_cache(maxsize=8)
 def _read_recorded(path: str, mtime_ns: int, size: int) -> dict[str, dict[str, Any]]:
     try:
-        rows = R.read_csv_rows(path, _TEXT_COLUMNS)
+        rows = R.read_csv_rows(path)
     except ValueError as err:
         raise SweepError(f"{err} (the recorded results)") from err
     return {row["run_id"]: row for row in rows if row.get("run_id")}
