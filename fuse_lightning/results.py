@@ -41,9 +41,11 @@ __all__ = [
     "paired_differences",
     "plot_acc_vs_cutoff",
     "plot_band_map",
+    "plot_set_means",
     "protected_sets_table",
     "read_csv_rows",
     "read_results",
+    "set_groups",
     "set_means",
     "spec_of",
     "stopband_of",
@@ -461,6 +463,40 @@ def set_means(rows: Sequence[dict[str, Any]], key: str = "val_acc") -> list[dict
     return out
 
 
+def _group_labels(groups: Sequence[tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """Method -> the label of the first group that holds it."""
+    label_of: dict[str, str] = {}
+    for label, methods in groups:
+        for m in methods:
+            label_of.setdefault(m, label)
+    return label_of
+
+
+def set_groups(rows: Sequence[dict[str, Any]], groups: Sequence[tuple[str, Sequence[str]]] = (),
+               key: str = "val_acc") -> dict[tuple[str, str, str], list[float]]:
+    """Accuracy (%) of each protected set, gathered per (arch, group, filter) for `plot_set_means`.
+
+    Args:
+        rows: Result dicts, usually `set_means` rows: one per protected set (every making of it),
+            one per run for clean data.
+        groups: `(label, methods)` whose sets are drawn together (a pool of separately made sets,
+            e.g. three generators); a method in no group is its own group.
+        key: Accuracy field (a fraction).
+
+    Returns:
+        `{(arch, label, filter): [value in %, ...]}`, groups in the order given, then the other
+        methods in order of first appearance.
+    """
+    label_of = _group_labels(groups)
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for r in rows:
+        if r.get(key) in (None, ""):
+            continue
+        out.setdefault((r["arch"], label_of.get(r["method"], r["method"]), r["filter"]), []).append(
+            100.0 * float(r[key]))
+    return out
+
+
 def makings_table(rows: Sequence[dict[str, Any]], superseded: Sequence[dict[str, Any]],
                   methods: Sequence[str] | None = None, filters: Sequence[str] | None = None) -> str:
     """Markdown table of accuracy per protected set, for methods whose set was made again.
@@ -726,6 +762,77 @@ def plot_acc_vs_cutoff(
     return path
 
 
+def plot_set_means(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    groups: Sequence[tuple[str, Sequence[str]]] = (),
+    filters: Sequence[str] | None = None,
+    key: str = "val_acc",
+) -> Path | None:
+    """One dot per protected set (its victims' mean), grouped by method or pool, per filter.
+
+    What the set-level intervals summarise, drawn: how far apart separately made sets of one
+    method land, beside the other methods' sets and the clean runs (hollow: one dot per run, as
+    nothing was made). A short bar marks each group's mean. One panel per architecture.
+
+    Args:
+        rows: `set_means` rows.
+        path: Destination PNG.
+        groups: `(label, methods)` drawn as one group (`set_groups`).
+        filters: Column order; default: order of first appearance.
+        key: Accuracy field.
+
+    Returns:
+        The written path, or None without rows.
+    """
+    points = set_groups(rows, groups, key)
+    if not points:
+        return None
+    archs = _ordered(a for a, _, _ in points)
+    labels = _ordered(g for _, g, _ in points)
+    filters = [f for f in (filters or _ordered(f for _, _, f in points)) if any(k[2] == f for k in points)]
+    label_of = _group_labels(groups)
+    made = {label_of.get(r["method"], r["method"]) for r in rows if r.get("protected_fingerprint")}
+    colors = method_colors(labels)
+    chance = _chance(rows)
+    plt, fig, axes = _panels(len(archs), width=0.6 * len(filters) * max(1.0, len(labels) / 4) + 1.5, height=3.6)
+    width = 0.8 / len(labels)  # the groups side by side within a filter's slot
+    rng = np.random.default_rng(0)  # a fixed jitter, so a redrawn report is the same picture
+    for ax, arch in zip(axes, archs, strict=True):
+        for j, label in enumerate(labels):
+            for i, f in enumerate(filters):
+                values = np.asarray(points.get((arch, label, f), []))
+                if not len(values):
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                jitter = rng.uniform(-0.25, 0.25, len(values)) * width
+                ax.scatter(x + jitter, values, s=14, zorder=3, label=label if i == 0 else None,
+                           color=colors[label] if label in made else "none", edgecolors=colors[label])
+                ax.hlines(values.mean(), x - 0.4 * width, x + 0.4 * width, color=colors[label], linewidth=1.5)
+        if chance is not None:
+            ax.axhline(chance, linestyle="--", color="gray", linewidth=1)
+        for i in range(1, len(filters)):
+            ax.axvline(i - 0.5, color="lightgray", linewidth=0.8)
+        ax.set_xticks(range(len(filters)), filters, fontsize=7, rotation=20)
+        ax.set_xlim(-0.5, len(filters) - 0.5)
+        ax.set_ylim(0, 100)
+        ax.set_title(arch)
+        if ax is axes[0]:
+            ax.set_ylabel("clean test accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    axes[-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                    title="filled: one set\nhollow: one run\ndashed: chance", title_fontsize=7)
+    path = _save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
 def plot_band_map(
     rows: Sequence[dict[str, Any]],
     path: str | os.PathLike,
@@ -809,7 +916,8 @@ def write_report(
     """Write results.csv, table.md (accuracies, then paired differences) and plots into `results_dir`.
 
     Plots: `acc_vs_cutoff.png` (low-pass filters), `band_map.png` (band-pass
-    filters), `bandstop_map.png` (band-stop filters).
+    filters), `bandstop_map.png` (band-stop filters), `set_means.png` (one dot per protected set,
+    when a set was made again).
 
     Args:
         rows: Result dicts.
@@ -826,7 +934,7 @@ def write_report(
             again that came out different are tabled per set (`makings_table`).
 
     Returns:
-        `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map": path}` for the files
+        `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map"|"set_means": path}` for the files
         written.
     """
     results_dir = Path(results_dir)
@@ -857,6 +965,9 @@ def write_report(
                  "leave out.\n\n" + makings)
         comparisons = list(independent) + [(a, [a], b, [b]) for a, b in pairs]
         sets = set_means(list(rows) + earlier_makings(rows, superseded))
+        pools = {label: ms for a, ma, b, mb in independent for label, ms in ((a, ma), (b, mb)) if len(ms) > 1}
+        if p := plot_set_means(sets, results_dir / "set_means.png", list(pools.items()), filters):
+            written["set_means"] = p
         if welch_sets := independent_table(sets, comparisons, filters):
             text += ("\n## Set-level differences\n\nThe comparisons above with each protected set as one sample "
                      "(its mean over the victims that trained on it), every making of it counted, so the "

@@ -274,6 +274,40 @@ def test_report_counts_runs_per_protected_set(tmp_path: Path):
     assert "protected_fingerprint" in (tmp_path / "results.csv").read_text().splitlines()[0]
 
 
+def test_set_groups_gather_pooled_sets_and_clean_runs(tmp_path: Path):
+    """Sets of pooled methods land in one group, a method in no pool is its own, clean runs stay
+    one value each; the plot draws one dot per value and nothing without rows."""
+    rows = [{"arch": "a", "method": m, "filter": "none", "protected_fingerprint": fp, "val_acc": v}
+            for m, fp, v in (("fuse", "f1", 0.30), ("fuse", "f2", 0.36), ("fuse_g1", "g1", 0.28),
+                             ("em", "e1", 0.44), ("em_g1", "e2", 0.26), ("rrc", "r1", 0.33))]
+    rows += [{"arch": "a", "method": "clean", "filter": "none", "protected_fingerprint": "", "val_acc": v}
+             for v in (0.47, 0.43)]
+    rows += [{"arch": "b", "method": "fuse", "filter": "jpeg-10", "protected_fingerprint": "f1", "val_acc": 0.4}]
+    groups = [("fuse_gens", ["fuse", "fuse_g1"]), ("em_sets", ["em", "em_g1"]), ("first_only", ["fuse"])]
+    points = R.set_groups(rows, groups)
+    assert points == {("a", "fuse_gens", "none"): pytest.approx([30.0, 36.0, 28.0]),
+                      ("a", "em_sets", "none"): pytest.approx([44.0, 26.0]),
+                      ("a", "rrc", "none"): pytest.approx([33.0]),
+                      ("a", "clean", "none"): pytest.approx([47.0, 43.0]),
+                      ("b", "fuse_gens", "jpeg-10"): pytest.approx([40.0])}
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PathCollection
+
+    drawn = []
+    real_close = plt.close
+    def keep(fig=None):  # count the figure's dots (scatter collections) before it is closed
+        drawn.extend(len(c.get_offsets()) for ax in fig.axes for c in ax.collections
+                     if isinstance(c, PathCollection))
+        real_close(fig)
+    plt.close = keep
+    try:
+        path = R.plot_set_means(rows, tmp_path / "sets.png", groups)
+    finally:
+        plt.close = real_close
+    assert path is not None and path.stat().st_size > 1000 and sum(drawn) == len(rows)
+    assert R.plot_set_means([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
 def test_set_means_count_each_protected_set_once():
     rows = [{"arch": "a", "method": "fuse", "filter": "none", "protected_fingerprint": "f1", "val_acc": v}
             for v in (0.2, 0.4, 0.3)]

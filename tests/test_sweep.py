@@ -596,6 +596,7 @@ def test_rows_replaced_by_runs_on_a_set_made_again_are_kept_apart(basic: S.Sweep
     set_level = (tmp_path / "results" / "table.md").read_text().split("## Set-level differences")[1]
     fastnet_none = next(line for line in set_level.splitlines() if line.startswith("| none |"))
     assert "| -13.8 [" in fastnet_none and "(2, 2)" in fastnet_none
+    assert (tmp_path / "results" / "set_means.png").stat().st_size > 1000
 
     L.write_sweep_report(basic, log=lambda s: None, data_dir="/d")  # again: nothing new leaves
     assert len(R.read_csv_rows(L.superseded_path(basic))) == len(remade)
