@@ -484,8 +484,7 @@ def set_groups(rows: Sequence[dict[str, Any]], groups: Sequence[tuple[str, Seque
         key: Accuracy field (a fraction).
 
     Returns:
-        `{(arch, label, filter): [value in %, ...]}`, groups in the order given, then the other
-        methods in order of first appearance.
+        `{(arch, label, filter): [value in %, ...]}`, in order of first appearance in `rows`.
     """
     label_of = _group_labels(groups)
     out: dict[tuple[str, str, str], list[float]] = {}
@@ -820,14 +819,13 @@ def plot_set_means(
         if ax is axes[0]:
             ax.set_ylabel("clean test accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
-    for ax in axes[1:]:
-        for h, n in zip(*ax.get_legend_handles_labels(), strict=True):
-            if n not in names:
-                handles.append(h)
-                names.append(n)
-    axes[-1].legend(handles, names, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                    title="filled: one set\nhollow: one run\ndashed: chance", title_fontsize=7)
+    legend: dict[str, Any] = {}  # label -> its first handle, over all panels
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(name, handle)
+    title = "filled: one set\nhollow: one run" + ("\ndashed: chance" if chance is not None else "")
+    axes[-1].legend(list(legend.values()), list(legend), fontsize=7, loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0), title=title, title_fontsize=7)
     path = _save_figure(fig, path)
     plt.close(fig)
     return path
@@ -912,6 +910,7 @@ def write_report(
     pairs: Sequence[Sequence[str]] = (),
     independent: Sequence[tuple[str, Sequence[str], str, Sequence[str]]] = (),
     superseded: Sequence[dict[str, Any]] = (),
+    pools: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, Path]:
     """Write results.csv, table.md (accuracies, then paired differences) and plots into `results_dir`.
 
@@ -932,6 +931,7 @@ def write_report(
             (Welch) differences (`independent_table`).
         superseded: Rows that left results.csv (`results_superseded.csv`): runs on a set made
             again that came out different are tabled per set (`makings_table`).
+        pools: Name -> methods whose sets `set_means.png` draws as one group (the sweep's `pools`).
 
     Returns:
         `{"csv"|"table"|"acc_vs_cutoff"|"band_map"|"bandstop_map"|"set_means": path}` for the files
@@ -965,8 +965,7 @@ def write_report(
                  "leave out.\n\n" + makings)
         comparisons = list(independent) + [(a, [a], b, [b]) for a, b in pairs]
         sets = set_means(list(rows) + earlier_makings(rows, superseded))
-        pools = {label: ms for a, ma, b, mb in independent for label, ms in ((a, ma), (b, mb)) if len(ms) > 1}
-        if p := plot_set_means(sets, results_dir / "set_means.png", list(pools.items()), filters):
+        if p := plot_set_means(sets, results_dir / "set_means.png", list((pools or {}).items()), filters):
             written["set_means"] = p
         if welch_sets := independent_table(sets, comparisons, filters):
             text += ("\n## Set-level differences\n\nThe comparisons above with each protected set as one sample "

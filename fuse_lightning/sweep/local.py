@@ -552,7 +552,8 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         + f". Sweep file: `{S.portable([sweep.path])[0]}`. " + compute_used(sweep, rows, data_dir))
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,
                           filters=sweep.grid.filter, log=log, pairs=sweep.spec.compare,
-                          independent=S.independent_comparisons(sweep), superseded=superseded)
+                          independent=S.independent_comparisons(sweep), superseded=superseded,
+                          pools=sweep.spec.pools)
 
 
 # --------------------------------------------------------------------------------------------
