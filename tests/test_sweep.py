@@ -780,6 +780,15 @@ def test_wandb_backend_offline_walks_the_grid(tmp_path: Path, monkeypatch, capsy
     assert W.run(sweep, "/d", executor=again) == 0
     assert again.calls == [] and len(calls["log"]) == 1
     assert len(L.sweep_rows(W.from_artifacts(sweep, W.recorded_refs(sweep)), "/d")) == 4
+    # The same finished runs under another data dir spelling: refused before anything is prepared,
+    # unless asked for; then the four victims run again on the new dir.
+    moved = FakeExecutor()
+    with pytest.raises(S.SweepError, match=r"4 finished run\(s\) were made with another data dir: \S*/d \(4 run"):
+        W.run(sweep, "/copy", executor=moved)
+    assert moved.calls == []
+    assert W.run(sweep, "/copy", executor=moved, new_data_dir=True) == 0
+    victims = [c for c in moved.calls if "--out" not in c]
+    assert len(victims) == 4 and all(value(c, "--data.init_args.data_dir") == "/copy" for c in victims)
 
 
 def test_the_package_imports_without_wandb():

@@ -116,7 +116,7 @@ def _run(parser: ArgumentParser, cfg: Namespace) -> int:
     if missing := missing_files(sweep):
         raise SweepError(f"{sweep.path}: config file(s) not found: {missing}")
     if backend:
-        return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run)
+        return backend.run(sweep, data_dir, cfg.dry_run, cfg.max_runs, cfg.agent_run, new_data_dir=cfg.new_data_dir)
     return run_local(sweep, data_dir, cfg.dry_run, cfg.only_prepare, cfg.max_runs, report=_whole_grid(sweep),
                      runs_per_gpu=cfg.runs_per_gpu, new_data_dir=cfg.new_data_dir)
 

@@ -171,11 +171,17 @@ def serve(sweep: Sweep, data_dir: str, refs: dict[str, str], max_runs: int | Non
 
 
 def run(sweep: Sweep, data_dir: str, dry_run: bool = False, max_runs: int | None = None, agent_run: bool = False,
-        executor: L.Executor = L.execute) -> int:
-    """`fuse sweep FILE --backend wandb`: publish the sets, serve the sweep (or walk it offline), report."""
+        executor: L.Executor = L.execute, new_data_dir: bool = False) -> int:
+    """`fuse sweep FILE --backend wandb`: publish the sets, serve the sweep (or walk it offline), report.
+    As with the local backend, finished runs recorded under another data dir are not run again
+    unless `new_data_dir` (checked on the recorded artifacts, before anything is prepared)."""
     _wandb()
     if agent_run:
         return agent_trial(sweep, data_dir)
+    if not new_data_dir:
+        recorded = from_artifacts(sweep, recorded_refs(sweep))
+        runs = S.expand_grid(recorded)
+        L.check_data_dir(recorded, [r for r in runs if not S.result_is_current(recorded, r, data_dir)], data_dir)
     if dry_run:
         refs = {m: f"{sweep.name}-{m}:<logged at launch>" for m in sweep.grid.method if sweep.methods[m].protected_dir}
         print(yaml.safe_dump(sweep_config(sweep, refs), sort_keys=False))
