@@ -338,7 +338,7 @@ def run_victims(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike, 
         raise ValueError(f"runs_per_gpu must be >= 1, got {runs_per_gpu}")
     from tqdm.auto import tqdm
 
-    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
+    pending = pending_runs(sweep, runs, data_dir)
     summary = RunSummary(skipped=len(runs) - len(pending), stale=sum(r.result_path.is_file() for r in pending))
     pending = pending[:max_runs] if max_runs is not None else pending
     if not pending:
@@ -571,6 +571,11 @@ def print_plan(sweep: Sweep, data_dir: str | os.PathLike, only_prepare: bool = F
         print(f"# {state}{run.run_id}\n{shlex.join(S.victim_command(sweep, run, data_dir))}")
 
 
+def pending_runs(sweep: Sweep, runs: Sequence[Run], data_dir: str | os.PathLike) -> list[Run]:
+    """The runs of `runs` without a current result under `data_dir`, in order."""
+    return [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
+
+
 def check_data_dir(sweep: Sweep, pending: Sequence[Run], data_dir: str | os.PathLike) -> None:
     """Refuse to repeat finished runs only because the data dir is spelled differently: a pending
     run (not current under `data_dir`) whose result is current under the data dir it recorded (the
@@ -597,7 +602,7 @@ def run_local(sweep: Sweep, data_dir: str | os.PathLike, dry_run: bool = False, 
     Raises SweepError when finished runs were made with another data dir and would all run again
     (the run key covers the data path), unless `new_data_dir`."""
     runs = S.expand_grid(sweep)
-    pending = [r for r in runs if not S.result_is_current(sweep, r, data_dir)]
+    pending = pending_runs(sweep, runs, data_dir)
     if not new_data_dir:
         check_data_dir(sweep, pending, data_dir)
     if dry_run:

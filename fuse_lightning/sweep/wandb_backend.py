@@ -180,8 +180,7 @@ def run(sweep: Sweep, data_dir: str, dry_run: bool = False, max_runs: int | None
         return agent_trial(sweep, data_dir)
     if not new_data_dir:
         recorded = from_artifacts(sweep, recorded_refs(sweep))
-        runs = S.expand_grid(recorded)
-        L.check_data_dir(recorded, [r for r in runs if not S.result_is_current(recorded, r, data_dir)], data_dir)
+        L.check_data_dir(recorded, L.pending_runs(recorded, S.expand_grid(recorded), data_dir), data_dir)
     if dry_run:
         refs = {m: f"{sweep.name}-{m}:<logged at launch>" for m in sweep.grid.method if sweep.methods[m].protected_dir}
         print(yaml.safe_dump(sweep_config(sweep, refs), sort_keys=False))
