@@ -279,8 +279,25 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> int | None:
     # Without explicit args LightningCLI reads sys.argv itself (and warns when handed a list).
     if from_sys_argv:
         sys.argv = [sys.argv[0], *argv]  # without --debug
-    build_cli(None if from_sys_argv else argv)
+    try:
+        build_cli(None if from_sys_argv else argv)
+    finally:
+        end_process_group()
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy the distributed process group a DDP run left behind, if any.
+
+    Why: Lightning keeps the group alive after `fit` returns. Left to the interpreter's exit,
+    gloo's worker threads can outlive Python's teardown and the process aborts ("terminate called
+    without an active exception", exit -6) after a finished run; PyTorch asks every process to
+    call `destroy_process_group()` near the end of main. Local per process, so safe in each rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,20 @@ def fit(config_args: list[str], data: Path, run_dir: Path, devices: int, batch: 
     return last_metrics(run_dir)
 
 
+def test_end_process_group_destroys_the_group_a_run_left(tmp_path):
+    # The CLI ends every command with this: a DDP run's gloo group left to the interpreter's exit
+    # aborted a finished two-process fit now and then (exit -6).
+    import torch.distributed as dist
+
+    from fuse_lightning.cli import end_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_process_group()
+    assert not dist.is_initialized()
+    end_process_group()  # without a group it does nothing
+
+
 def test_victim_two_processes_match_one(tiny_cifar10, tmp_path):
     configs = ["--config", str(REPO / "configs/victim_cifar10.yaml"), "--config", str(REPO / "configs/victim_cpu.yaml"),
                "--data.augment", "false"]
