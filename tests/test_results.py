@@ -319,3 +319,44 @@ def test_set_means_count_each_protected_set_once():
     sets = {(r["method"], r["filter"], r["protected_fingerprint"]): r["val_acc"] for r in R.set_means(rows)}
     assert sets == {("fuse", "none", "f1"): pytest.approx(0.3), ("fuse", "none", "f2"): 0.6,
                     ("fuse", "jpeg-10", "f1"): 0.5, ("clean", "none", None): 0.7, ("clean", "none", ""): 0.8}
+
+
+def test_training_curves_script_reads_each_runs_epochs_and_replots_from_its_csv(tmp_path: Path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "training_curves.py"
+    spec_ = importlib.util.spec_from_file_location("training_curves", script)
+    tc = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tc)
+
+    def log(run_id: str, version: int, rows: list[tuple[int, float | None]]):
+        path = tmp_path / "work" / "runs" / run_id / "logs" / f"version_{version}" / "metrics.csv"
+        path.parent.mkdir(parents=True)
+        # as Lightning's CSV logger writes it: train rows without val/acc between the epoch rows
+        lines = ["epoch,step,train/loss,val/acc"] + [f"{e},{10 * e},1.5,{'' if a is None else a}" for e, a in rows]
+        path.write_text("\n".join(lines) + "\n")
+
+    log("em_classwise__resnet18__grayscale__s1", 0, [(0, None), (0, 0.51), (1, 0.60), (2, 0.31)])
+    log("em_classwise__resnet18__grayscale__s1", 1, [(2, 0.21), (3, 0.19)])  # resumed: epoch 2 again
+    log("fuse__resnet18__grayscale__s1", 0, [(0, 0.50), (1, 0.62)])
+    log("fuse__resnet18__none__s1", 0, [(0, 0.12)])  # another filter: left out
+    (tmp_path / "work" / "runs" / "not_a_run").mkdir()  # a name that is no run id: ignored
+
+    out = tmp_path / "curves_gray.v1"  # a dot in the prefix is kept
+    tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--out", str(out)])
+    rows = tc.read_rows(Path(f"{out}.csv"))
+    em = [(r["epoch"], r["val_acc"]) for r in rows if r["method"] == "em_classwise"]
+    assert em == [(0, 0.51), (1, 0.60), (2, 0.21), (3, 0.19)]  # the later version wins for epoch 2
+    assert {r["run_id"] for r in rows} == {"em_classwise__resnet18__grayscale__s1", "fuse__resnet18__grayscale__s1"}
+    png = Path(f"{out}.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    tc.main(["--from_csv", f"{out}.csv", "--out", str(out)])  # replot without the runs
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --methods narrows; bad input names the path or the filter
+    tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--methods", "fuse", "--out", str(out)])
+    assert {r["method"] for r in tc.read_rows(Path(f"{out}.csv"))} == {"fuse"}
+    with pytest.raises(SystemExit, match="no runs/ folder"):
+        tc.main([str(tmp_path), "--filter", "grayscale", "--out", str(out)])
+    with pytest.raises(SystemExit, match="'jpeg-10'"):
+        tc.main([str(tmp_path / "work"), "--filter", "jpeg-10", "--out", str(out)])
