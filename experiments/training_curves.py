@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import re
 from pathlib import Path
 
-from fuse_lightning.results import atomic_write_bytes, atomic_write_text, method_colors
+from fuse_lightning.results import (
+    atomic_write_text,
+    collect_results,
+    method_colors,
+    pyplot,
+    save_figure,
+)
 
 FIELDS = ("run_id", "method", "arch", "filter", "seed", "epoch", "val_acc")
-
-
-def parse_run_id(run_id: str) -> dict | None:
-    """`method__arch__filter__s<seed>` (the sweep's run dir name) -> its parts, else None."""
-    parts = run_id.split("__")
-    if len(parts) != 4 or not re.fullmatch(r"s\d+", parts[3]):
-        return None
-    return {"run_id": run_id, "method": parts[0], "arch": parts[1], "filter": parts[2], "seed": int(parts[3][1:])}
 
 
 def run_curve(run_dir: Path) -> dict[int, float]:
@@ -53,18 +50,18 @@ def run_curve(run_dir: Path) -> dict[int, float]:
 
 
 def collect(work_dir: Path, filter_name: str, methods: list[str] | None, archs: list[str] | None) -> list[dict]:
-    """One row per (run, epoch) of the runs under `work_dir/runs` that match."""
+    """One row per (run, epoch) of the finished runs (those with a `result.json`) that match."""
     runs = work_dir / "runs"
     if not runs.is_dir():
         raise SystemExit(f"{work_dir}: no runs/ folder here; pass a sweep's work_dir (e.g. outputs/sweeps/<name>)")
     rows = []
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
-        parts = parse_run_id(run_dir.name)
-        if parts is None or parts["filter"] != filter_name:
+    for result in collect_results(work_dir):
+        if result["filter"] != filter_name:
             continue
-        if (methods and parts["method"] not in methods) or (archs and parts["arch"] not in archs):
+        if (methods and result["method"] not in methods) or (archs and result["arch"] not in archs):
             continue
-        for epoch, acc in sorted(run_curve(run_dir).items()):
+        parts = {k: result[k] for k in ("run_id", "method", "arch", "filter", "seed")}
+        for epoch, acc in sorted(run_curve(runs / result["run_id"]).items()):
             rows.append({**parts, "epoch": epoch, "val_acc": acc})
     if not rows:
         raise SystemExit(f"{runs}: no run with filter {filter_name!r} has a logged val/acc "
@@ -92,11 +89,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path, chance: float | None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = method_colors(methods)
@@ -118,10 +111,9 @@ def plot(rows: list[dict], path: Path, chance: float | None) -> Path:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    path = save_figure(fig, path)
     plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

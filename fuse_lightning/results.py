@@ -611,7 +611,8 @@ def _chance(rows: Sequence[dict[str, Any]]) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: files only
@@ -620,14 +621,15 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig: Any, path: str | os.PathLike) -> Path:
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a figure as PNG through a temporary file and a rename (never a half-written plot)."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return atomic_write_bytes(path, buffer.getvalue())
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False)
     return plt, fig, list(axes[0])
 
@@ -756,7 +758,7 @@ def plot_acc_vs_cutoff(
         handles.append(Line2D([], [], color="gray", linestyle="--", linewidth=1, label="chance"))
     # Outside the panels, so that no curve is hidden.
     axes[-1].legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    path = _save_figure(fig, path)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -826,7 +828,7 @@ def plot_set_means(
     title = "filled: one set\nhollow: one run" + ("\ndashed: chance" if chance is not None else "")
     axes[-1].legend(list(legend.values()), list(legend), fontsize=7, loc="upper left",
                     bbox_to_anchor=(1.02, 1.0), title=title, title_fontsize=7)
-    path = _save_figure(fig, path)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -894,7 +896,7 @@ def plot_band_map(
     label = ("test accuracy (%), test set in the same band" if family == "bandpass"
              else "test accuracy (%)")
     fig.colorbar(image, ax=axes, label=label)
-    path = _save_figure(fig, path)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 

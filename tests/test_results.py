@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,9 @@ def test_training_curves_script_reads_each_runs_epochs_and_replots_from_its_csv(
     def log(run_id: str, version: int, rows: list[tuple[int, float | None]]):
         path = tmp_path / "work" / "runs" / run_id / "logs" / f"version_{version}" / "metrics.csv"
         path.parent.mkdir(parents=True)
+        method, arch, filt, seed = run_id.split("__")  # the finished run's record, as the sweep writes it
+        (path.parents[2] / "result.json").write_text(json.dumps(
+            {"run_id": run_id, "method": method, "arch": arch, "filter": filt, "seed": int(seed[1:])}))
         # as Lightning's CSV logger writes it: train rows without val/acc between the epoch rows
         lines = ["epoch,step,train/loss,val/acc"] + [f"{e},{10 * e},1.5,{'' if a is None else a}" for e, a in rows]
         path.write_text("\n".join(lines) + "\n")
@@ -340,7 +344,7 @@ def test_training_curves_script_reads_each_runs_epochs_and_replots_from_its_csv(
     log("em_classwise__resnet18__grayscale__s1", 1, [(2, 0.21), (3, 0.19)])  # resumed: epoch 2 again
     log("fuse__resnet18__grayscale__s1", 0, [(0, 0.50), (1, 0.62)])
     log("fuse__resnet18__none__s1", 0, [(0, 0.12)])  # another filter: left out
-    (tmp_path / "work" / "runs" / "not_a_run").mkdir()  # a name that is no run id: ignored
+    (tmp_path / "work" / "runs" / "fuse__resnet18__grayscale__s2").mkdir()  # unfinished (no result.json): left out
 
     out = tmp_path / "curves_gray.v1"  # a dot in the prefix is kept
     tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--out", str(out)])
