@@ -33,20 +33,20 @@ def test_freed_large_blocks_are_reused_instead_of_unmapped():
     How many rounds glibc needs before it settles varies by machine (3 on one, 10 on another), so
     the check compares totals over many rounds rather than demanding a fixed settling time."""
     rounds = 60
-    code = """
+    code = f"""
 import resource, sys, torch
 from fuse_lightning.allocator import keep_freed_memory
 applied = keep_freed_memory()
 x = torch.ones(16 * 2**20)  # warm-up: the heap grows once
 del x
 per_round = []
-for _ in range(ROUNDS):
+for _ in range({rounds}):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 * 2**20)  # 64 MiB, above glibc's largest default mmap threshold (32 MiB)
     del x
     per_round.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(applied, *per_round)
-""".replace("ROUNDS", str(rounds))
+"""
     def faults(env_value: str) -> tuple[str, list[int]]:
         env = {"FUSE_MALLOC_TUNING": env_value, "PATH": "/usr/bin:/bin"}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
