@@ -1102,3 +1102,38 @@ def test_a_narrowed_pass_reports_the_files_whole_grid(basic: S.Sweep, tmp_path: 
     assert SW.main([str(basic.path), "--report_only", "--grid.method", "[clean]", "--data_dir", "/d"]) == 0
     ids = [line.split(",")[0] for line in (tmp_path / "results" / "results.csv").read_text().splitlines()[1:]]
     assert sum(i.startswith("noise__") for i in ids) == 8
+
+
+def test_a_cell_given_more_seeds_keeps_them_in_later_reports(basic: S.Sweep, tmp_path: Path, monkeypatch):
+    """Passes that give one cell seeds the grid does not list (`--grid.seed [5]`) put them in
+    results.csv, after the cell's grid seeds; later reports that do not name those seeds keep
+    them, from the work dir or, once it is gone, from results.csv alone, and drop them like any
+    other row when the victim settings change."""
+    monkeypatch.chdir(tmp_path)
+    L.run_victims(basic, S.expand_grid(basic), "/d", executor=FakeExecutor(), log=lambda s: None)
+    cell = ["--grid.method", "[clean]", "--grid.arch", "[resnet18]", "--grid.filter", "[none]"]
+    for seed in (5, 3):
+        narrowed = S.load_sweep(basic.path, [*cell, "--grid.seed", f"[{seed}]"])
+        executor = FakeExecutor()
+        report = S.with_grid(narrowed, S.union_grid(basic.grid, narrowed.grid))
+        assert L.run_local(narrowed, "/d", executor=executor, report=report) == 0
+        assert run_ids(executor.calls) == [f"clean__resnet18__none__s{seed}"]
+    assert [r.run_id for r in S.extra_seed_runs(basic)] == ["clean__resnet18__none__s3", "clean__resnet18__none__s5"]
+    expected = [f"clean__resnet18__none__s{s}" for s in (0, 1, 3, 5)]
+
+    def report_ids() -> list[str]:
+        assert SW.main([str(basic.path), "--report_only", "--data_dir", "/d"]) == 0  # the file's grid, seeds [0, 1]
+        return [line.split(",")[0] for line in (tmp_path / "results" / "results.csv").read_text().splitlines()[1:]]
+
+    ids = report_ids()
+    assert len(ids) == 16 + 2 and [i for i in ids if i.startswith("clean__resnet18__none__")] == expected
+    assert ids.index("clean__resnet18__none__s5") + 1 == ids.index("clean__resnet18__lowpass-ideal-0.5__s0")
+    table = (tmp_path / "results" / "table.md").read_text()
+    assert "16 of 16 runs finished, plus 2 at victim seeds beyond the grid's" in table
+    assert "| clean | " in table and "(n=4)" in table  # the cell's mean is over its four seeds
+
+    shutil.rmtree(tmp_path / "work")  # a fresh clone: results.csv is the only record
+    assert report_ids() == ids
+
+    changed = S.load_sweep(basic.path, ["--victim.overrides", "{trainer.max_epochs: 2}"])
+    assert len(S.extra_seed_runs(changed)) == 2 and L.split_results(changed, "/d") == ([], [])

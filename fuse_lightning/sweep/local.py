@@ -389,13 +389,20 @@ def _in_pool(work: Callable[[Run], None], runs: Sequence[Run], workers: int) -> 
 
 
 def split_results(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], list[str]]:
-    """Current results of the grid, in grid order, and the ids of stale ones (`result_is_current`)."""
+    """Current results of the grid, in grid order, and the ids of stale ones (`result_is_current`).
+    A cell's runs at seeds beyond the grid's (`extra_seed_runs`) follow its grid seeds."""
     rows, stale = [], []
-    for run in S.expand_grid(sweep):
-        if (row := S.current_result(sweep, run, data_dir)) is not None:
-            rows.append(row)
-        elif run.result_path.is_file():
-            stale.append(run.run_id)
+    extra: dict[tuple[str, str, str], list[S.Run]] = {}
+    for run in S.extra_seed_runs(sweep):
+        extra.setdefault((run.method, run.arch, run.filter), []).append(run)
+    last_seed = sweep.grid.seed[-1]
+    for grid_run in S.expand_grid(sweep):
+        cell = (grid_run.method, grid_run.arch, grid_run.filter)
+        for run in [grid_run] + (extra.get(cell, []) if grid_run.seed == int(last_seed) else []):
+            if (row := S.current_result(sweep, run, data_dir)) is not None:
+                rows.append(row)
+            elif run.result_path.is_file():
+                stale.append(run.run_id)
     return rows, stale
 
 
@@ -541,13 +548,16 @@ def write_sweep_report(sweep: Sweep, log: Callable[[str], None] = print,
         log(f"{sweep.name}: {len(dropped)} row(s) of {sweep.results_dir / 'results.csv'} leave it: not current "
             "(settings changed, recorded without a run key, or outside the grid): "
             + ", ".join(dropped[:5]) + (" ..." if len(dropped) > 5 else ""))
+    listed = {int(s) for s in sweep.grid.seed}
+    beyond = sum(int(r["seed"]) not in listed for r in rows)
     seeds = sorted({r["seed"] for r in rows})
     usual_n = R.usual_seed_count(rows)
     over = (f"victim seeds {seeds}, mean ± std where a cell has several; most cells have n = {usual_n}, "
             "the others say (n=k)" if len(seeds) > 1 else f"seed {seeds[0] if seeds else '-'}")
     notes = (sweep.spec.description.strip() + "\n\n" if sweep.spec.description else "") + (
         "Clean test accuracy (%) of victims trained on each method's training set after the attacker's "
-        f"filter (columns), at the final epoch; {over}. {len(rows)} of {len(S.expand_grid(sweep))} runs finished"
+        f"filter (columns), at the final epoch; {over}. {len(rows) - beyond} of {len(S.expand_grid(sweep))} runs finished"
+        + (f", plus {beyond} at victim seeds beyond the grid's, on cells given more seeds" if beyond else "")
         + (f" ({len(stale)} stale result(s) of older settings left out)" if stale else "")
         + f". Sweep file: `{S.portable([sweep.path])[0]}`. " + compute_used(sweep, rows, data_dir))
     return R.write_report(rows, sweep.results_dir, sweep.name, notes, methods=sweep.grid.method,

@@ -354,15 +354,43 @@ def missing_files(sweep: Sweep) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def make_run(sweep: Sweep, method: str, arch: str, filt: str, seed: int) -> Run:
+    """One victim run, with id `<method>__<arch>__<filter>__s<seed>` and its dir in the work dir."""
+    run_id = f"{method}__{arch}__{filt}__s{seed}"
+    run_dir = sweep.work_dir / "runs" / run_id
+    return Run(method, arch, filt, int(seed), run_id, run_dir, run_dir / "result.json")
+
+
 def expand_grid(sweep: Sweep) -> list[Run]:
     """All grid points, method-major (then arch, filter, seed), with id `<method>__<arch>__<filter>__s<seed>`."""
-    runs = []
     g = sweep.grid
-    for method, arch, filt, seed in itertools.product(g.method, g.arch, g.filter, g.seed):
-        run_id = f"{method}__{arch}__{filt}__s{seed}"
-        run_dir = sweep.work_dir / "runs" / run_id
-        runs.append(Run(method, arch, filt, int(seed), run_id, run_dir, run_dir / "result.json"))
-    return runs
+    return [make_run(sweep, *point) for point in itertools.product(g.method, g.arch, g.filter, g.seed)]
+
+
+_SEED_SUFFIX = re.compile(r"^(?P<cell>.+)__s(?P<seed>[0-9]+)$")
+
+
+def extra_seed_runs(sweep: Sweep) -> list[Run]:
+    """Runs of the grid's cells at victim seeds the grid does not list, that ran before: a cell
+    given more seeds than the others by a narrowed pass (`--grid.method [fuse] --grid.seed [3]`).
+    Found by run id in the committed results.csv and in the work dir's `runs/`; whether each is
+    current is for the caller to check (`current_result`). In grid order, seeds ascending.
+
+    Without them, the next pass that does not name those seeds would drop their rows from
+    results.csv (a report covers the file's grid plus the command line's)."""
+    g = sweep.grid
+    cells = {f"{m}__{a}__{f}": (i, m, a, f) for i, (m, a, f) in enumerate(itertools.product(g.method, g.arch, g.filter))}
+    listed = {int(s) for s in g.seed}
+    ids = set(recorded_results(sweep))
+    try:
+        ids.update(p.name for p in (sweep.work_dir / "runs").iterdir() if p.is_dir())
+    except OSError:  # no work dir yet (a fresh clone)
+        pass
+    found = set()
+    for run_id in ids:
+        if (match := _SEED_SUFFIX.match(run_id)) and match["cell"] in cells and int(match["seed"]) not in listed:
+            found.add((cells[match["cell"]], int(match["seed"])))
+    return [make_run(sweep, m, a, f, seed) for (_, m, a, f), seed in sorted(found)]
 
 
 def flag_value(value: Any) -> str:
