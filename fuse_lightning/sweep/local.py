@@ -390,19 +390,13 @@ def _in_pool(work: Callable[[Run], None], runs: Sequence[Run], workers: int) -> 
 
 def split_results(sweep: Sweep, data_dir: str | os.PathLike | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Current results of the grid, in grid order, and the ids of stale ones (`result_is_current`).
-    A cell's runs at seeds beyond the grid's (`extra_seed_runs`) follow its grid seeds."""
+    A cell's runs at seeds beyond the grid's (`runs_with_extra_seeds`) follow its grid seeds."""
     rows, stale = [], []
-    extra: dict[tuple[str, str, str], list[S.Run]] = {}
-    for run in S.extra_seed_runs(sweep):
-        extra.setdefault((run.method, run.arch, run.filter), []).append(run)
-    last_seed = sweep.grid.seed[-1]
-    for grid_run in S.expand_grid(sweep):
-        cell = (grid_run.method, grid_run.arch, grid_run.filter)
-        for run in [grid_run] + (extra.get(cell, []) if grid_run.seed == int(last_seed) else []):
-            if (row := S.current_result(sweep, run, data_dir)) is not None:
-                rows.append(row)
-            elif run.result_path.is_file():
-                stale.append(run.run_id)
+    for run in S.runs_with_extra_seeds(sweep):
+        if (row := S.current_result(sweep, run, data_dir)) is not None:
+            rows.append(row)
+        elif run.result_path.is_file():
+            stale.append(run.run_id)
     return rows, stale
 
 

@@ -370,27 +370,27 @@ def expand_grid(sweep: Sweep) -> list[Run]:
 _SEED_SUFFIX = re.compile(r"^(?P<cell>.+)__s(?P<seed>[0-9]+)$")
 
 
-def extra_seed_runs(sweep: Sweep) -> list[Run]:
-    """Runs of the grid's cells at victim seeds the grid does not list, that ran before: a cell
-    given more seeds than the others by a narrowed pass (`--grid.method [fuse] --grid.seed [3]`).
-    Found by run id in the committed results.csv and in the work dir's `runs/`; whether each is
-    current is for the caller to check (`current_result`). In grid order, seeds ascending.
-
-    Without them, the next pass that does not name those seeds would drop their rows from
-    results.csv (a report covers the file's grid plus the command line's)."""
+def runs_with_extra_seeds(sweep: Sweep) -> list[Run]:
+    """The grid's runs, each cell followed by its runs at seeds the grid does not list that ran
+    before (seeds ascending): a cell given more seeds than the others by a narrowed pass
+    (`--grid.method [fuse] --grid.seed [3]`). Those are found by run id in the committed
+    results.csv and in the work dir's `runs/`; whether each is current is for the caller to check
+    (`current_result`). Without them, the next pass that does not name those seeds would drop
+    their rows from results.csv (a report covers the file's grid plus the command line's)."""
     g = sweep.grid
-    cells = {f"{m}__{a}__{f}": (i, m, a, f) for i, (m, a, f) in enumerate(itertools.product(g.method, g.arch, g.filter))}
     listed = {int(s) for s in g.seed}
     ids = set(recorded_results(sweep))
     try:
         ids.update(p.name for p in (sweep.work_dir / "runs").iterdir() if p.is_dir())
     except OSError:  # no work dir yet (a fresh clone)
         pass
-    found = set()
+    extra: dict[str, set[int]] = {}
     for run_id in ids:
-        if (match := _SEED_SUFFIX.match(run_id)) and match["cell"] in cells and int(match["seed"]) not in listed:
-            found.add((cells[match["cell"]], int(match["seed"])))
-    return [make_run(sweep, m, a, f, seed) for (_, m, a, f), seed in sorted(found)]
+        if (match := _SEED_SUFFIX.match(run_id)) and int(match["seed"]) not in listed:
+            extra.setdefault(match["cell"], set()).add(int(match["seed"]))
+    return [make_run(sweep, method, arch, filt, seed)
+            for method, arch, filt in itertools.product(g.method, g.arch, g.filter)
+            for seed in [*g.seed, *sorted(extra.get(f"{method}__{arch}__{filt}", ()))]]
 
 
 def flag_value(value: Any) -> str:
