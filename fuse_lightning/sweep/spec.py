@@ -354,9 +354,14 @@ def missing_files(sweep: Sweep) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def cell_id(method: str, arch: str, filt: str) -> str:
+    """A grid cell's id, `<method>__<arch>__<filter>`: its runs' ids add `__s<seed>`."""
+    return f"{method}__{arch}__{filt}"
+
+
 def make_run(sweep: Sweep, method: str, arch: str, filt: str, seed: int) -> Run:
     """One victim run, with id `<method>__<arch>__<filter>__s<seed>` and its dir in the work dir."""
-    run_id = f"{method}__{arch}__{filt}__s{seed}"
+    run_id = f"{cell_id(method, arch, filt)}__s{seed}"
     run_dir = sweep.work_dir / "runs" / run_id
     return Run(method, arch, filt, int(seed), run_id, run_dir, run_dir / "result.json")
 
@@ -390,7 +395,7 @@ def runs_with_extra_seeds(sweep: Sweep) -> list[Run]:
             extra.setdefault(match["cell"], set()).add(int(match["seed"]))
     return [make_run(sweep, method, arch, filt, seed)
             for method, arch, filt in itertools.product(g.method, g.arch, g.filter)
-            for seed in [*g.seed, *sorted(extra.get(f"{method}__{arch}__{filt}", ()))]]
+            for seed in [*g.seed, *sorted(extra.get(cell_id(method, arch, filt), ()))]]
 
 
 def flag_value(value: Any) -> str:
