@@ -11,6 +11,9 @@ victim architecture, one line per run, one colour per method.
         --out experiments/results/cifar10_standard_cpu/curves_grayscale
     python experiments/training_curves.py --from_csv experiments/results/cifar10_standard_cpu/curves_grayscale.csv \\
         --out experiments/results/cifar10_standard_cpu/curves_grayscale   # replot only
+
+Run dirs are not kept forever; `--keep_rows` adds the runs found now to the CSV already at
+<out>.csv and keeps the runs there whose dirs are gone (a run found again replaces its rows).
 """
 
 from __future__ import annotations
@@ -77,6 +80,15 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return atomic_write_text(path, out.getvalue())
 
 
+def merge_rows(kept: list[dict], found: list[dict]) -> list[dict]:
+    """`kept` (an earlier CSV's rows) without the runs in `found`, then `found`: one filter only."""
+    filters = {r["filter"] for r in kept} | {r["filter"] for r in found}
+    if len(filters) > 1:
+        raise SystemExit(f"--keep_rows: the CSV and the runs found hold different filters {sorted(filters)}")
+    found_ids = {r["run_id"] for r in found}
+    return [r for r in kept if r["run_id"] not in found_ids] + found
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise SystemExit(f"{path}: no such curves CSV")
@@ -123,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", help="only these methods (default: all)")
     parser.add_argument("--archs", nargs="*", help="only these victim architectures (default: all)")
     parser.add_argument("--from_csv", type=Path, help="replot a CSV this script wrote, instead of reading runs")
+    parser.add_argument("--keep_rows", action="store_true",
+                        help="keep the runs already in <out>.csv that are not found now (their dirs may be gone)")
     parser.add_argument("--chance", type=float, default=0.1, help="chance accuracy line (0.1 for 10 classes)")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes <out>.csv and <out>.png")
     args = parser.parse_args(argv)
@@ -132,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give a sweep's work_dir and --filter, or --from_csv")
     else:
         rows = collect(args.work_dir, args.filter, args.methods, args.archs)
+        if args.keep_rows and Path(f"{args.out}.csv").is_file():
+            rows = merge_rows(read_rows(Path(f"{args.out}.csv")), rows)
         print(f"wrote {write_rows(rows, Path(f'{args.out}.csv'))}")
     print(f"wrote {plot(rows, Path(f'{args.out}.png'), args.chance)}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -360,6 +361,16 @@ def test_training_curves_script_reads_each_runs_epochs_and_replots_from_its_csv(
     # --methods narrows; bad input names the path or the filter
     tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--methods", "fuse", "--out", str(out)])
     assert {r["method"] for r in tc.read_rows(Path(f"{out}.csv"))} == {"fuse"}
+    # --keep_rows keeps the CSV's runs whose dirs are gone; a run found again replaces its rows
+    tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--out", str(out)])
+    shutil.rmtree(tmp_path / "work" / "runs" / "em_classwise__resnet18__grayscale__s1")
+    tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--out", str(out), "--keep_rows"])
+    kept = tc.read_rows(Path(f"{out}.csv"))
+    assert [(r["method"], r["epoch"]) for r in kept] == [("em_classwise", e) for e in range(4)] + [("fuse", 0), ("fuse", 1)]
+    tc.main([str(tmp_path / "work"), "--filter", "grayscale", "--out", str(out)])  # without it: only what is found
+    assert {r["method"] for r in tc.read_rows(Path(f"{out}.csv"))} == {"fuse"}
+    with pytest.raises(SystemExit, match="different filters"):
+        tc.main([str(tmp_path / "work"), "--filter", "none", "--out", str(out), "--keep_rows"])
     with pytest.raises(SystemExit, match="no runs/ folder"):
         tc.main([str(tmp_path), "--filter", "grayscale", "--out", str(out)])
     with pytest.raises(SystemExit, match="'jpeg-10'"):
