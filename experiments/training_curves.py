@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give a sweep's work_dir and --filter, or --from_csv")
     else:
         rows = collect(args.work_dir, args.filter, args.methods, args.archs)
-        if args.keep_rows and Path(f"{args.out}.csv").is_file():
-            rows = merge_rows(read_rows(Path(f"{args.out}.csv")), rows)
-        print(f"wrote {write_rows(rows, Path(f'{args.out}.csv'))}")
+        csv_path = Path(f"{args.out}.csv")
+        if args.keep_rows and csv_path.is_file():
+            rows = merge_rows(read_rows(csv_path), rows)
+        print(f"wrote {write_rows(rows, csv_path)}")
     print(f"wrote {plot(rows, Path(f'{args.out}.png'), args.chance)}")
 
 
