@@ -380,6 +380,53 @@ def test_each_run_records_the_fingerprint_of_the_set_it_trained_on(tmp_path: Pat
     assert row["run_id"] == run.run_id and row["protected_fingerprint"] not in (None, first)
 
 
+def test_an_interrupted_victim_resumes_from_its_checkpoint_and_counts_every_attempt(basic: S.Sweep, monkeypatch):
+    run = S.expand_grid(basic)[0]
+    clock = iter([100.0, 160.0, 500.0, 540.0])  # perf_counter at each attempt's start and end
+    monkeypatch.setattr(L, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), time=L.time.time))
+    calls = []
+
+    def killed_after_an_epoch(cmd, log_path, env):  # the sweep is stopped after the child saved epoch 0
+        calls.append(cmd)
+        (run.run_dir / "checkpoints").mkdir(exist_ok=True)
+        (run.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"epoch 0")
+        raise L.SweepInterrupted()
+
+    with pytest.raises(L.SweepInterrupted):
+        L.execute_run(basic, run, "/d", executor=killed_after_an_epoch)
+    assert "--ckpt_path" not in calls[0] and not run.result_path.exists()
+    attempt = json.loads((run.run_dir / "attempt.json").read_text())
+    assert attempt == {"run_key": S.run_key(basic, run, "/d"), "earlier_wall_s": 60.0}
+
+    row = L.execute_run(basic, run, "/d", executor=lambda c, p, e: calls.append(c) or FakeExecutor()(c, p, e))
+    assert value(calls[1], "--ckpt_path") == str(run.run_dir / "checkpoints" / "last.ckpt")
+    assert row["wall_s"] == 60.0 + 40.0  # both attempts
+    assert "--ckpt_path" not in row["command"]  # the recorded command reproduces the run from scratch
+    assert not (run.run_dir / "attempt.json").exists() and S.result_is_current(basic, run, "/d")
+
+
+def test_a_victim_restarts_when_its_checkpoint_is_not_this_runs_or_its_child_failed(basic: S.Sweep):
+    run = S.expand_grid(basic)[0]
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"other settings")
+    (run.run_dir / "attempt.json").write_text(json.dumps({"run_key": "another command", "earlier_wall_s": 900.0}))
+    calls = []
+
+    def failing(cmd, log_path, env):
+        calls.append(cmd)
+        assert not last.exists()  # deleted before the child starts
+        last.write_bytes(b"maybe broken")
+        return 1
+
+    assert "exit code 1" in L.execute_run(basic, run, "/d", executor=failing)["error"]
+    assert "--ckpt_path" not in calls[0]
+    # A failed child is not resumed: its checkpoint may be what broke it, so the next attempt starts over.
+    assert not last.exists() and not (run.run_dir / "attempt.json").exists()
+    row = L.execute_run(basic, run, "/d", executor=lambda c, p, e: calls.append(c) or FakeExecutor()(c, p, e))
+    assert "--ckpt_path" not in calls[1] and row["wall_s"] < 900.0
+
+
 def test_a_run_without_val_acc_fails(basic: S.Sweep):
     run = S.expand_grid(basic)[0]
     row = L.execute_run(basic, run, "/d", executor=lambda cmd, log, env: 0)

@@ -2,7 +2,8 @@
 
 Victims run one after another on CPU, or one per visible GPU in parallel. Every child runs in its
 own process group; Ctrl-C or SIGTERM stops the running groups, records nothing for them, and a
-rerun resumes (finished runs hold their `run_key`).
+rerun resumes (finished runs hold their `run_key`; a stopped victim continues from its last
+epoch's checkpoint).
 """
 
 from __future__ import annotations
@@ -140,13 +141,37 @@ def _remove_checkpoints(run_dir: Path) -> None:
         ckpt.unlink()
 
 
+def _victim_attempt(run: Run, key: str, log_path: Path) -> tuple[Path | None, float]:
+    """The checkpoint to resume a victim from, and the wall time of the attempts before it.
+
+    Every attempt writes `attempt.json` (the run's `run_key`, `earlier_wall_s`, and `started_unix`
+    while it runs) before its command starts. An unfinished attempt of the same `run_key` that left
+    `checkpoints/last.ckpt` (saved after every epoch) is continued from there: the victim's data
+    order and augmentation depend on the seed, epoch and batch alone, so the resumed run ends where
+    an uninterrupted one would. An attempt killed without writing its end is counted until the last
+    write to its `run.log`. Checkpoints of another `run_key`, or without a record, are deleted.
+    """
+    record = S.read_json(run.run_dir / "attempt.json")
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    if record is None or record.get("run_key") != key or not last.is_file():
+        _remove_checkpoints(run.run_dir)
+        return None, 0.0
+    earlier = float(record.get("earlier_wall_s", 0.0))
+    if "started_unix" in record:
+        with contextlib.suppress(OSError):
+            earlier += max(0.0, log_path.stat().st_mtime - float(record["started_unix"]))
+    return last, earlier
+
+
 def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[str, str] | None = None,
                 extra_args: Sequence[str] = (), executor: Executor = execute) -> dict[str, Any]:
     """Train one victim; turn the `result.json` of its ResultWriter into the sweep's result row.
 
     `env` (e.g. `CUDA_VISIBLE_DEVICES`) and `extra_args` (device, logger flags; not part of
-    `run_key`) go to the child; `executor` runs it (replaceable in tests). Returns the row written
-    to `result.json`, or on failure `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
+    `run_key`) go to the child; `executor` runs it (replaceable in tests). A run interrupted
+    earlier (sweep stopped, machine lost) resumes from its last epoch's checkpoint, and its
+    `wall_s` sums the attempts (`_victim_attempt`). Returns the row written to `result.json`, or
+    on failure `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
     """
     cmd = S.victim_command(sweep, run, data_dir) + list(extra_args)
     run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -154,12 +179,28 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
         run.result_path.unlink()
         _remove_checkpoints(run.run_dir)
     log_path = run.run_dir / "run.log"
+    key = S.run_key(sweep, run, data_dir)
+    attempt_path = run.run_dir / "attempt.json"
+    resume_from, earlier = _victim_attempt(run, key, log_path)
+    # Written before the command starts, so that a sweep killed mid-run still leaves its time.
+    R.atomic_write_text(attempt_path, json.dumps(
+        {"run_key": key, "earlier_wall_s": round(earlier, 1), "started_unix": time.time()}, indent=2))
+    child = cmd + (["--ckpt_path", str(resume_from)] if resume_from else [])
     start = time.perf_counter()
-    code = executor(cmd, log_path, env)
-    wall = time.perf_counter() - start
+    try:
+        code = executor(child, log_path, env)
+    finally:
+        wall = time.perf_counter() - start
+        if (S.read_result(run) or {}).get("val_acc") is None:  # unfinished: its time joins the earlier ones
+            R.atomic_write_text(attempt_path, json.dumps(
+                {"run_key": key, "earlier_wall_s": round(earlier + wall, 1)}, indent=2))
+    wall += earlier
     written = S.read_result(run) or {}
     if code != 0 or written.get("val_acc") is None:
         run.result_path.unlink(missing_ok=True)
+        # A failed child (not an interrupted one) may have left a broken checkpoint: start over next time.
+        _remove_checkpoints(run.run_dir)
+        attempt_path.unlink(missing_ok=True)
         error = f"exit code {code}" if code != 0 else "no val/acc logged (no result.json from ResultWriter)"
         failure = {"run_id": run.run_id, "error": error, "log": str(log_path), "tail": log_tail(log_path)}
         R.atomic_write_text(run.run_dir / "failed.json", json.dumps(failure, indent=2))
@@ -171,10 +212,11 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
            # Which set the victim trained on: a set made again (a lost work dir) gets another
            # fingerprint unless it is byte-identical, so its runs can be told apart.
            "protected_fingerprint": content_fingerprint(protected) if protected else None,
-           "data_dir": S.portable([data_dir])[0], "run_key": S.run_key(sweep, run, data_dir),
+           "data_dir": S.portable([data_dir])[0], "run_key": key,
            "command": shlex.join(S.portable(cmd))}
     R.atomic_write_text(run.result_path, json.dumps(row, indent=2))
     (run.run_dir / "failed.json").unlink(missing_ok=True)
+    attempt_path.unlink(missing_ok=True)
     if not sweep.spec.keep_checkpoints:
         _remove_checkpoints(run.run_dir)
     return row
