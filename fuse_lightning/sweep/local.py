@@ -2,8 +2,8 @@
 
 Victims run one after another on CPU, or one per visible GPU in parallel. Every child runs in its
 own process group; Ctrl-C or SIGTERM stops the running groups, records nothing for them, and a
-rerun resumes (finished runs hold their `run_key`; a stopped victim continues from its last
-epoch's checkpoint).
+rerun resumes (finished runs hold their `run_key`; a stopped victim continues from its
+checkpoint).
 """
 
 from __future__ import annotations
@@ -146,10 +146,13 @@ def _victim_attempt(run: Run, key: str, log_path: Path) -> tuple[Path | None, fl
 
     Every attempt writes `attempt.json` (the run's `run_key`, `earlier_wall_s`, and `started_unix`
     while it runs) before its command starts. An unfinished attempt of the same `run_key` that left
-    `checkpoints/last.ckpt` (saved after every epoch) is continued from there: the victim's data
-    order and augmentation depend on the seed, epoch and batch alone, so the resumed run ends where
-    an uninterrupted one would. An attempt killed without writing its end is counted until the last
-    write to its `run.log`. Checkpoints of another `run_key`, or without a record, are deleted.
+    `checkpoints/last.ckpt` is continued from there: the victim's data order and augmentation
+    depend on the seed, epoch and batch alone, so the resumed run ends where an uninterrupted one
+    would. Lightning rewrites `last.ckpt` only when its ModelCheckpoint keeps a new top-k file;
+    with the victims' `monitor: val/acc` that is the epoch of the last improvement, so a victim
+    whose accuracy stopped rising repeats the epochs after it. An attempt killed without writing
+    its end is counted until the last write to its `run.log`. Checkpoints of another `run_key`, or
+    without a record, are deleted.
     """
     record = S.read_json(run.run_dir / "attempt.json")
     last = run.run_dir / "checkpoints" / "last.ckpt"
@@ -169,9 +172,9 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
 
     `env` (e.g. `CUDA_VISIBLE_DEVICES`) and `extra_args` (device, logger flags; not part of
     `run_key`) go to the child; `executor` runs it (replaceable in tests). A run interrupted
-    earlier (sweep stopped, machine lost) resumes from its last epoch's checkpoint, and its
-    `wall_s` sums the attempts (`_victim_attempt`). Returns the row written to `result.json`, or
-    on failure `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
+    earlier (sweep stopped, machine lost) resumes from its `last.ckpt`, and its `wall_s` sums the
+    attempts (`_victim_attempt`). Returns the row written to `result.json`, or on failure
+    `{"run_id", "error", "log", "tail"}`, written to `failed.json`.
     """
     cmd = S.victim_command(sweep, run, data_dir) + list(extra_args)
     run.run_dir.mkdir(parents=True, exist_ok=True)
