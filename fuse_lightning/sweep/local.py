@@ -159,11 +159,7 @@ def _victim_attempt(run: Run, key: str, log_path: Path) -> tuple[Path | None, fl
     if record is None or record.get("run_key") != key or not last.is_file():
         _remove_checkpoints(run.run_dir)
         return None, 0.0
-    earlier = float(record.get("earlier_wall_s", 0.0))
-    if "started_unix" in record:
-        with contextlib.suppress(OSError):
-            earlier += max(0.0, log_path.stat().st_mtime - float(record["started_unix"]))
-    return last, earlier
+    return last, _unfinished_wall_s(record, log_path)
 
 
 def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[str, str] | None = None,
@@ -194,11 +190,11 @@ def execute_run(sweep: Sweep, run: Run, data_dir: str | os.PathLike, env: dict[s
         code = executor(child, log_path, env)
     finally:
         wall = time.perf_counter() - start
-        if (S.read_result(run) or {}).get("val_acc") is None:  # unfinished: its time joins the earlier ones
+        written = S.read_result(run) or {}
+        if written.get("val_acc") is None:  # unfinished: its time joins the earlier ones
             R.atomic_write_text(attempt_path, json.dumps(
                 {"run_key": key, "earlier_wall_s": round(earlier + wall, 1)}, indent=2))
     wall += earlier
-    written = S.read_result(run) or {}
     if code != 0 or written.get("val_acc") is None:
         run.result_path.unlink(missing_ok=True)
         # A failed child (not an interrupted one) may have left a broken checkpoint: start over next time.
@@ -251,12 +247,17 @@ def _earlier_attempts_s(method: Method, key: str, log_path: Path) -> float:
     record = S.read_json(method.record_path)
     if record is None or record.get("key") != key or "wall_s" in record:
         return 0.0  # no attempt, another command's, or a finished one (its set was removed by hand)
+    return _unfinished_wall_s(record, log_path)
+
+
+def _unfinished_wall_s(record: dict[str, Any], log_path: Path) -> float:
+    """Wall time of the unfinished attempts an attempt record describes: their `earlier_wall_s`,
+    plus, for one killed while running (`started_unix` still there), the time until the last write
+    to its log."""
     earlier = float(record.get("earlier_wall_s", 0.0))
     if "started_unix" in record:
-        try:
+        with contextlib.suppress(OSError):
             earlier += max(0.0, log_path.stat().st_mtime - float(record["started_unix"]))
-        except OSError:
-            pass
     return earlier
 
 
