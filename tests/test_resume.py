@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from fuse_lightning.checkpoints import load_checkpoint
 from fuse_lightning.cli import main
@@ -25,13 +26,24 @@ class CrashAtEpoch(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def victim_args(data: Path, root: Path, *extra: str) -> list[str]:
+class AccuracyPeaksFirst(L.Callback):
+    """Makes `val/acc` fall after epoch 0, as on protected data, before any ModelCheckpoint reads it
+    (Lightning runs checkpoint callbacks after the others)."""
+
+    def on_validation_end(self, trainer, pl_module):
+        trainer.callback_metrics["val/acc"] = torch.tensor(0.5 - 0.1 * trainer.current_epoch)
+
+
+def victim_args(data: Path, root: Path, *extra: str, shipped_callbacks: bool = False) -> list[str]:
+    """A tiny victim; its callbacks are one unmonitored ModelCheckpoint unless `shipped_callbacks`."""
+    common = ["fit", "--config", str(REPO / "configs" / "victim_cifar10.yaml"), "--config", str(REPO / "configs" / "victim_cpu.yaml"),
+              "--data.data_dir", str(data), "--data.check_counts", "false", "--data.train_subset", "null",
+              "--data.test_subset", "null", "--data.batch_size", "64", "--trainer.max_epochs", "3",
+              "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
+    if shipped_callbacks:  # the config's own, LearningRateMonitor included, which needs a logger
+        return [*common, *extra]
     callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
-    return ["fit", "--config", str(REPO / "configs" / "victim_cifar10.yaml"), "--config", str(REPO / "configs" / "victim_cpu.yaml"),
-            "--data.data_dir", str(data), "--data.check_counts", "false", "--data.train_subset", "null",
-            "--data.test_subset", "null", "--data.batch_size", "64", "--trainer.max_epochs", "3",
-            "--trainer.default_root_dir", str(root), "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.callbacks", json.dumps(callbacks), *extra]
+    return [*common, "--trainer.logger", "false", "--trainer.callbacks", json.dumps(callbacks), *extra]
 
 
 def final_state(root: Path) -> dict:
@@ -65,3 +77,20 @@ def test_ckpt_path_last_never_picks_up_another_run(tiny_cifar10: Path, tmp_path:
     b = final_state(tmp_path / "run_b")
     assert b["epoch"] == 0 and b["global_step"] == load_checkpoint(tmp_path / "run_a" / "checkpoints" / "last.ckpt")["global_step"]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_victim_killed_after_its_best_epoch_resumes_from_its_last_epoch(tiny_cifar10: Path, tmp_path: Path, monkeypatch):
+    # With the shipped victim config: its accuracy peaks at epoch 0 and the run dies at the start
+    # of epoch 2. last.ckpt must hold epoch 1, not the best epoch 0, or a resume repeats epoch 1.
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "victim"
+    args = victim_args(tiny_cifar10, root, "--trainer.callbacks+=test_resume.AccuracyPeaksFirst", shipped_callbacks=True)
+    crash = json.dumps({"class_path": "test_resume.CrashAtEpoch", "init_args": {"epoch": 2}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main([*args, f"--trainer.callbacks+={crash}"])
+    killed = final_state(root)
+    assert killed["epoch"] == 1
+    main([*args, "--ckpt_path", "last"])
+    final = final_state(root)
+    assert final["epoch"] == 2
+    assert final["global_step"] * 2 == killed["global_step"] * 3  # one epoch more, none repeated

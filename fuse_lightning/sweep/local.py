@@ -148,9 +148,8 @@ def _victim_attempt(run: Run, key: str, log_path: Path) -> tuple[Path | None, fl
     while it runs) before its command starts. An unfinished attempt of the same `run_key` that left
     `checkpoints/last.ckpt` is continued from there: the victim's data order and augmentation
     depend on the seed, epoch and batch alone, so the resumed run ends where an uninterrupted one
-    would. Lightning rewrites `last.ckpt` only when its ModelCheckpoint keeps a new top-k file;
-    with the victims' `monitor: val/acc` that is the epoch of the last improvement, so a victim
-    whose accuracy stopped rising repeats the epochs after it. An attempt killed without writing
+    would. The victim configs' ModelCheckpoint has no monitor, so `last.ckpt` is the last finished
+    epoch (a monitored one rewrites it only on a new best). An attempt killed without writing
     its end is counted until the last write to its `run.log`. Checkpoints of another `run_key`, or
     without a record, are deleted.
     """
